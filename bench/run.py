@@ -1,0 +1,110 @@
+"""Benchmarks: the kit against the plain library calls it wraps, side by side in one run.
+
+    make bench                 # everything
+    python bench/run.py generate course
+
+Each comparison alternates the two variants in the same process, several
+rounds, and reports the ratio of medians (kit / plain).  Memory is the peak
+resident size of a fresh child process doing only that work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("KOLORS_COURSE_HOME", str(ROOT))
+os.environ["KOLORS_COURSE_HEADLESS"] = "1"
+
+PROMPT = "二次元，一个蓝色长发小女孩，在海滩上坐着"
+
+
+def _median_pair(kit_fn, plain_fn, rounds: int = 15, warmup: int = 2):
+    for _ in range(warmup):
+        kit_fn(); plain_fn()
+    kit, plain = [], []
+    for i in range(rounds):
+        order = (kit_fn, plain_fn) if i % 2 == 0 else (plain_fn, kit_fn)
+        for fn in order:
+            t0 = time.perf_counter(); fn(); dt = time.perf_counter() - t0
+            (kit if fn is kit_fn else plain).append(dt)
+    return statistics.median(kit), statistics.median(plain)
+
+
+def _child_peak_mb(code: str) -> float:
+    """Peak RSS (MB) of a fresh Python running ``code``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(after, before) / 1024
+
+
+def bench_generate() -> dict:
+    import kolors_course as kc
+
+    prof = kc.choose_profile("tiny")
+    pipe = kc.load_pipeline(prof)
+
+    def kit():
+        kc.generate(pipe, PROMPT, seed=0)
+
+    def plain():
+        pipe(prompt=PROMPT, negative_prompt=kc.DEFAULT_NEGATIVE, cfg_scale=prof.cfg_scale,
+             num_inference_steps=prof.steps, height=prof.height, width=prof.width, seed=0,
+             progress_bar_cmd=lambda x: x)
+
+    k, p = _median_pair(kit, plain)
+    setup = "import kolors_course as kc; p=kc.load_pipeline(kc.choose_profile('tiny'));"
+    mem_kit = _child_peak_mb(setup + f"kc.generate(p, {PROMPT!r}, seed=0)")
+    mem_plain = _child_peak_mb(setup + f"p(prompt={PROMPT!r}, negative_prompt=kc.DEFAULT_NEGATIVE, "
+                               "cfg_scale=4.0, num_inference_steps=2, height=64, width=64, seed=0)")
+    return {"name": "generate one tiny image: kit.generate vs SDXLImagePipeline.__call__",
+            "kit_s": k, "plain_s": p, "ratio": k / p, "target": "<= 1.02",
+            "kit_peak_mb": mem_kit, "plain_peak_mb": mem_plain}
+
+
+def bench_course() -> dict:
+    out = ROOT / "runs" / "bench-course"
+    t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run([sys.executable, "-m", "kolors_course.cli", "run", "--profile", "tiny",
+                    "--out", str(out)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    peak = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 1024
+    summary = json.loads((out / "summary.json").read_text())
+    return {"name": "whole tiny course (every notebook, via kolors-course run)",
+            "wall_s": wall, "peak_mb_largest_process": peak, "target": "<= 180 s, <= 2048 MB",
+            "per_notebook_s": {r["notebook"]: r["seconds"] for r in summary["results"]}}
+
+
+BENCHES = {"generate": bench_generate, "course": bench_course}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
+        return 2
+    results = []
+    for name in names:
+        print(f"-- {name}", flush=True)
+        r = BENCHES[name]()
+        results.append(r)
+        for k, v in r.items():
+            print(f"   {k}: {v:.4f}" if isinstance(v, float) else f"   {k}: {v}")
+    (ROOT / "runs").mkdir(exist_ok=True)
+    (ROOT / "runs" / "bench.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,93 @@
+"""The ``kolors-course`` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parse_value(text: str):
+    """Parameter values typed on the command line: YAML scalars (safe_load)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def cmd_run(args) -> int:
+    from .runner import format_summary, run_notebooks
+
+    params = {k: _parse_value(v) for k, v in (args.parameter or [])}
+    try:
+        results = run_notebooks(args.notebooks or None, out=args.out, profile=args.profile,
+                                parameters=params, log_output=args.log_output,
+                                cell_timeout=args.cell_timeout)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(format_summary(results))
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        r = failed[0]
+        print(f"\nFAILED: {r.notebook}, cell {r.cell}: {r.error}\n"
+              f"Open {r.output} to see the failing cell.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_env(args) -> int:
+    from .envinfo import needs_restart, print_environment_report
+
+    print_environment_report()
+    needs_restart()
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .models import MissingWeightsError, ensure_weights
+    from .profiles import choose_profile
+
+    prof = choose_profile(args.profile, **({"cache_dir": args.cache} if args.cache else {}))
+    try:
+        files = ensure_weights(prof, download=True)
+    except MissingWeightsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{prof.name} weights ready under {prof.cache_path}: {files.unet.name}, "
+          f"{files.text_encoder.name}/, {files.vae.name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kolors-course", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run course notebooks headless with papermill")
+    r.add_argument("notebooks", nargs="*", help="names such as 01 or 01_text_to_image (default: all)")
+    r.add_argument("--profile", default="tiny", choices=["auto", "tiny", "kolors"])
+    r.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="a notebook parameter (repeatable)")
+    r.add_argument("--out", default="runs/course", help="output folder (default runs/course)")
+    r.add_argument("--log-output", action="store_true", help="stream notebook output to this terminal")
+    r.add_argument("--cell-timeout", type=int, default=1800, help="seconds per cell before giving up")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("env", help="report the environment and whether a restart is needed")
+    e.set_defaults(func=cmd_env)
+
+    f = sub.add_parser("fetch", help="download (kolors) or build (tiny) a profile's model files")
+    f.add_argument("--profile", default="kolors", choices=["auto", "tiny", "kolors"])
+    f.add_argument("--cache", default=None, help="model cache folder (default: the profile's)")
+    f.set_defaults(func=cmd_fetch)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Loading the Kolors text-to-image pipeline of DiffSynth 1.1.9, for any profile.
+
+One function, ``load_pipeline``, for both profiles: it finds (or, for the tiny
+profile, builds) the model files, loads each one through DiffSynth's
+``ModelManager`` with an explicit model class, checks that every part really
+loaded (DiffSynth itself only prints when it does not recognise a file), fuses
+an optional LoRA at the scale it was trained with, and leaves room for
+ControlNets, which a later part of the course adds.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .profiles import Profile
+from . import tiny_models
+
+# what the kolors profile needs from ModelScope, per model id
+KOLORS_FILES = {
+    "Kwai-Kolors/Kolors": ["unet/diffusion_pytorch_model.safetensors", "unet/config.json",
+                           "text_encoder/*"],
+    "AI-ModelScope/sdxl-vae-fp16-fix": ["diffusion_pytorch_model.safetensors", "config.json"],
+}
+#: download sizes, for the disk-space check (GB, rounded up)
+KOLORS_DOWNLOAD_GB = {"Kwai-Kolors/Kolors": 18.0, "AI-ModelScope/sdxl-vae-fp16-fix": 0.4}
+
+
+class MissingWeightsError(RuntimeError):
+    """The model files for a profile are not on disk (and could not be fetched)."""
+
+
+class ModelLoadError(RuntimeError):
+    """DiffSynth did not load a file as the model it should be."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    unet: Path
+    text_encoder: Path
+    vae: Path
+
+    def missing(self) -> list[Path]:
+        out = []
+        for p in (self.unet, self.vae):
+            if not p.is_file():
+                out.append(p)
+        if not (self.text_encoder / "config.json").is_file():
+            out.append(self.text_encoder / "config.json")
+        return out
+
+
+def model_files(profile: Profile) -> ModelFiles:
+    """Where the profile's weights live (same relative layout for both profiles)."""
+    root = profile.cache_path
+    return ModelFiles(unet=root / tiny_models.UNET_REL,
+                      text_encoder=root / tiny_models.TEXT_ENCODER_REL,
+                      vae=root / tiny_models.VAE_REL)
+
+
+def fetch_command(profile: Profile) -> str:
+    """The shell command a learner can paste to fetch the kolors weights."""
+    return f"kolors-course fetch --profile {profile.name} --cache {profile.cache_path}"
+
+
+def ensure_weights(profile: Profile, download: bool = True) -> ModelFiles:
+    """Make sure the profile's model files exist; build (tiny) or download (kolors) them."""
+    files = model_files(profile)
+    if profile.model_source == "tiny":
+        tiny_models.build_tiny_models(profile.cache_path)
+        return files
+    if not files.missing():
+        return files
+    if not download:
+        raise MissingWeightsError(_missing_message(profile, files))
+    download_kolors_weights(profile)
+    if files.missing():
+        raise MissingWeightsError(_missing_message(profile, files))
+    return files
+
+
+def _missing_message(profile: Profile, files: ModelFiles, cause: str = "") -> str:
+    lines = [f"The {profile.name} profile needs the Kolors weights, and these files are missing:"]
+    lines += [f"  - {p}" for p in files.missing()]
+    if cause:
+        lines.append(f"Downloading them failed: {cause}")
+    lines.append(f"Fetch them (about {sum(KOLORS_DOWNLOAD_GB.values()):.0f} GB) with:")
+    lines.append(f"  {fetch_command(profile)}")
+    lines.append("or run on the tiny profile (profile='tiny'), which needs no download.")
+    return "\n".join(lines)
+
+
+def _hub_reachable(host: str = "www.modelscope.cn", timeout: float = 3.0) -> str | None:
+    """None if the hub answers, else why not (fast: one TCP connect)."""
+    import socket
+
+    if os.environ.get("MODELSCOPE_OFFLINE") or os.environ.get("HF_HUB_OFFLINE"):
+        return "offline mode is set (MODELSCOPE_OFFLINE/HF_HUB_OFFLINE)"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"cannot reach {host} ({exc.__class__.__name__}: {exc})"
+
+
+def download_kolors_weights(profile: Profile, check_network: bool = True) -> Path:
+    """Download the Kolors UNet, text encoder and fp16-fix VAE from ModelScope.
+
+    ModelScope's ``snapshot_download`` resumes partial files and shows progress
+    bars; we check the network and the free disk space first, so that an
+    offline machine fails in seconds with a useful message instead of retrying.
+    """
+    files = model_files(profile)
+    root = profile.cache_path
+    if check_network:
+        why = _hub_reachable()
+        if why:
+            raise MissingWeightsError(_missing_message(profile, files, why))
+    root.mkdir(parents=True, exist_ok=True)
+    need = sum(KOLORS_DOWNLOAD_GB.values())
+    free = shutil.disk_usage(root).free / 2**30
+    if free < need:
+        raise MissingWeightsError(
+            f"Not enough disk space in {root}: {free:.1f} GB free, about {need:.0f} GB needed. "
+            "Free some space or point KOLORS_COURSE_CACHE at a bigger disk.")
+    from modelscope import snapshot_download
+
+    for model_id, patterns in KOLORS_FILES.items():
+        snapshot_download(model_id, local_dir=str(root / model_id), allow_patterns=patterns)
+    return root
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    """DiffSynth prints a line per model; keep it for debugging, hide it otherwise."""
+    if verbose:
+        yield io.StringIO()
+        return
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield buf
+
+
+def _model_classes(profile: Profile) -> dict:
+    if profile.model_source == "tiny":
+        return tiny_models.diffsynth_classes()
+    from diffsynth.models.sdxl_unet import SDXLUNet
+    from diffsynth.models.sdxl_vae_decoder import SDXLVAEDecoder
+    from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
+
+    return {"sdxl_unet": SDXLUNet, "sdxl_vae_encoder": SDXLVAEEncoder,
+            "sdxl_vae_decoder": SDXLVAEDecoder}
+
+
+def load_model_manager(profile: Profile, device: str | None = None, dtype=None,
+                       download: bool = True, verbose: bool = False):
+    """A DiffSynth ``ModelManager`` holding the profile's UNet, VAE and text encoder."""
+    import torch
+    from diffsynth import ModelManager
+    from diffsynth.models.kolors_text_encoder import ChatGLMModel
+
+    files = ensure_weights(profile, download=download)
+    device = device or _default_device(profile)
+    dtype = dtype or profile.torch_dtype
+    if device == "cpu" and dtype == torch.float16:
+        dtype = torch.float32   # fp16 convolutions are not implemented on every CPU
+    classes = _model_classes(profile)
+    with _quiet(verbose):
+        mm = ModelManager(torch_dtype=dtype, device=device)
+        # explicit classes: DiffSynth's own detection only prints when it fails
+        with _load_errors(files.unet, "UNet"):
+            mm.load_model_from_single_file(str(files.unet), model_names=["sdxl_unet"],
+                                           model_classes=[classes["sdxl_unet"]], model_resource="diffusers")
+        with _load_errors(files.vae, "VAE"):
+            mm.load_model_from_single_file(str(files.vae),
+                                           model_names=["sdxl_vae_encoder", "sdxl_vae_decoder"],
+                                           model_classes=[classes["sdxl_vae_encoder"], classes["sdxl_vae_decoder"]],
+                                           model_resource="diffusers")
+        with _load_errors(files.text_encoder, "text encoder"):
+            mm.load_model_from_huggingface_folder(str(files.text_encoder), model_names=["kolors_text_encoder"],
+                                                  model_classes=[ChatGLMModel])
+    check_loaded(mm, ["sdxl_unet", "sdxl_vae_encoder", "sdxl_vae_decoder", "kolors_text_encoder"])
+    check_text_encoder_complete(files.text_encoder, mm.model[mm.model_name.index("kolors_text_encoder")])
+    return mm
+
+
+def text_encoder_file_keys(folder: Path) -> set[str] | None:
+    """Tensor names stored in a Hugging Face model folder (from its index or safetensors header)."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            return set(json.loads((folder / index).read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as f:
+            return set(f.keys())
+    return None
+
+
+def check_text_encoder_complete(folder: Path, model) -> None:
+    """transformers fills missing weights with random values and only logs it: refuse that."""
+    stored = text_encoder_file_keys(Path(folder))
+    if stored is None:
+        return
+    expected = set(model.state_dict())
+    missing = sorted(k for k in expected - stored if not k.endswith("inv_freq"))
+    if missing:
+        raise ModelLoadError(f"the text encoder in {folder} lacks {len(missing)} weights "
+                             f"(e.g. {missing[:3]}); the download is incomplete: fetch it again")
+
+
+@contextlib.contextmanager
+def _load_errors(path: Path, what: str):
+    """Turn a failed load (truncated file, wrong model, wrong shapes) into one clear error."""
+    try:
+        yield
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load the {what} from {path}: {type(exc).__name__}: {str(exc)[:300]}\n"
+            "The file is incomplete or is not the model this profile expects. Delete it and "
+            "fetch it again (tiny profile: delete the cache folder; it is rebuilt).") from exc
+
+
+def check_loaded(mm, names) -> None:
+    missing = [n for n in names if n not in mm.model_name]
+    if missing:
+        raise ModelLoadError(f"DiffSynth did not load {missing}; loaded: {mm.model_name}. "
+                             "The files may be incomplete or of another model: fetch them again.")
+
+
+def _default_device(profile: Profile) -> str:
+    import torch
+
+    if profile.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"the {profile.name} profile needs a CUDA GPU and none is visible; "
+                           "use profile='tiny' on this machine")
+    return profile.device
+
+
+@dataclass
+class ControlNetSpec:
+    """A ControlNet to load with the pipeline (used by the reference-image lesson).
+
+    ``path`` is an SDXL ControlNet-Union file DiffSynth recognises;
+    ``processor_id`` one of canny, depth, softedge, lineart, lineart_anime,
+    openpose, tile, inpaint; ``scale`` its strength.
+    """
+    path: str
+    processor_id: str = "canny"
+    scale: float = 0.5
+
+
+def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
+                  lora_scale: float | None = None, controlnets: list[ControlNetSpec] | None = None,
+                  device: str | None = None, download: bool = True, verbose: bool = False):
+    """The Kolors ``SDXLImagePipeline`` for ``profile``, optionally with a LoRA fused in.
+
+    ``lora_scale`` multiplies the training scale stored in the LoRA file
+    (alpha / rank): 1.0 means "as trained", 0 means "off".
+    """
+    from diffsynth import SDXLImagePipeline
+    from diffsynth.controlnets import ControlNetConfigUnit
+
+    t0 = time.perf_counter()
+    mm = load_model_manager(profile, device=device, download=download, verbose=verbose)
+    units = []
+    for spec in controlnets or []:
+        with _quiet(verbose), _load_errors(Path(spec.path), "ControlNet"):
+            mm.load_model(spec.path)
+        if spec.path not in mm.model_path:
+            raise ModelLoadError(f"DiffSynth did not recognise the ControlNet {spec.path}; "
+                                 "it loads the SDXL ControlNet-Union (promax) file only")
+        units.append(ControlNetConfigUnit(spec.processor_id, spec.path, spec.scale))
+    if lora is not None:
+        from .lora_files import fuse_lora
+
+        fuse_lora(mm, lora, scale=1.0 if lora_scale is None else lora_scale)
+    with _quiet(verbose):
+        pipe = SDXLImagePipeline.from_model_manager(mm, controlnet_config_units=units)
+    if pipe.text_encoder_kolors is None or pipe.unet is None:
+        raise ModelLoadError("the pipeline did not pick up the Kolors text encoder and UNet")
+    pipe.kit_profile = profile
+    pipe.kit_load_seconds = time.perf_counter() - t0
+    return pipe

@@ -1,0 +1,145 @@
+"""One configuration object per profile.
+
+``tiny``   tiny Kolors-architecture models built by the kit, a synthetic data set,
+           64x64 images: the whole course runs on a CPU in minutes.
+``kolors`` the real Kolors weights from ModelScope and the course's data set,
+           1024x1024, 50 steps: needs a CUDA GPU.
+
+Both go through the same functions; only the numbers and sources differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .paths import project_path
+
+#: GPU memory the kolors profile needs for inference with the defaults (fp16
+#: UNet 5.2 GB + ChatGLM 12.5 GB offloaded in turn, activations at 1024px).
+KOLORS_MIN_GPU_GB = 15.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    # -- models ------------------------------------------------------------
+    model_source: str                     # "tiny" (built by the kit) or "modelscope"
+    kolors_model_id: str = "Kwai-Kolors/Kolors"
+    vae_model_id: str = "AI-ModelScope/sdxl-vae-fp16-fix"
+    cache_dir: str = "models"             # relative to the project root
+    dtype: str = "float32"                # UNet/text-encoder dtype for inference
+    device: str = "cpu"
+    # -- generation ----------------------------------------------------------
+    height: int = 64
+    width: int = 64
+    steps: int = 2
+    cfg_scale: float = 4.0
+    # -- data ----------------------------------------------------------------
+    dataset: str = "synthetic"            # "synthetic", a ModelScope id, or a folder
+    dataset_limit: int | None = None
+    min_side: int = 48                    # data-juicer image_shape_filter minimum
+    # -- training --------------------------------------------------------------
+    train_resolution: int = 64
+    train_steps: int = 30
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    learning_rate: float = 1e-3
+    batch_size: int = 2
+    gradient_checkpointing: bool = False
+    precision: str = "fp32"
+    # -- scoring ----------------------------------------------------------------
+    scorer: str = "tiny"                  # "tiny" or the ModelScope id of the real predictor
+    extra: dict = field(default_factory=dict)
+
+    def with_(self, **changes) -> "Profile":
+        """A copy with some fields changed; unknown names are an error, not ignored."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown profile field(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def cache_path(self) -> Path:
+        env = os.environ.get("KOLORS_COURSE_CACHE")
+        return project_path(env) if env else project_path(self.cache_dir)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def summary(self) -> str:
+        return (f"profile {self.name}: {self.width}x{self.height}, {self.steps} steps, "
+                f"cfg {self.cfg_scale}, {self.dtype} on {self.device}, models from "
+                f"{'the kit (tiny, built locally)' if self.model_source == 'tiny' else 'ModelScope'}"
+                f", cache {self.cache_path}")
+
+
+TINY = Profile(
+    name="tiny",
+    model_source="tiny",
+    cache_dir="cache/tiny",
+)
+
+KOLORS = Profile(
+    name="kolors",
+    model_source="modelscope",
+    dtype="float16",
+    device="cuda",
+    height=1024,
+    width=1024,
+    steps=50,
+    cfg_scale=4.0,
+    dataset="AI-ModelScope/lowres_anime",
+    min_side=1024,
+    train_resolution=1024,
+    train_steps=500,
+    lora_rank=16,
+    lora_alpha=4.0,
+    learning_rate=1e-4,
+    batch_size=1,
+    gradient_checkpointing=True,
+    precision="fp16-mixed",
+    scorer="AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
+)
+
+PROFILES = {"tiny": TINY, "kolors": KOLORS}
+
+
+def _gpu_memory_gb() -> tuple[str, float] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return props.name, props.total_memory / 2**30
+
+
+def choose_profile(name: str = "auto", verbose: bool = True, **overrides) -> Profile:
+    """The profile called ``name``; ``auto`` picks kolors on a big enough CUDA GPU, else tiny.
+
+    ``overrides`` change single fields (``choose_profile("tiny", steps=4)``).
+    """
+    name = (name or "auto").lower()
+    if name == "auto":
+        gpu = _gpu_memory_gb()
+        if gpu is None:
+            chosen, why = TINY, "no CUDA GPU is visible"
+        elif gpu[1] < KOLORS_MIN_GPU_GB:
+            chosen, why = TINY, (f"the GPU ({gpu[0]}, {gpu[1]:.1f} GB) has less than "
+                                 f"{KOLORS_MIN_GPU_GB:.0f} GB")
+        else:
+            chosen, why = KOLORS, f"a CUDA GPU is present ({gpu[0]}, {gpu[1]:.1f} GB)"
+        if verbose:
+            print(f"profile 'auto' chose '{chosen.name}' because {why}.")
+    elif name in PROFILES:
+        chosen = PROFILES[name]
+    else:
+        raise ValueError(f"unknown profile {name!r}: choose one of 'auto', 'tiny', 'kolors'")
+    return chosen.with_(**overrides) if overrides else chosen

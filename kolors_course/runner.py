@@ -1,0 +1,150 @@
+"""Running the course notebooks headless with papermill."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .paths import project_path, project_root, relative_to_root
+
+
+@dataclass
+class NotebookResult:
+    notebook: str
+    status: str                 # "ok", "failed", "skipped"
+    seconds: float = 0.0
+    output: str = ""
+    cell: int | None = None
+    error: str = ""
+    parameters: dict = field(default_factory=dict)
+
+
+class NotebookFailed(RuntimeError):
+    def __init__(self, results: list[NotebookResult]):
+        self.results = results
+        bad = next(r for r in results if r.status == "failed")
+        super().__init__(f"{bad.notebook} failed in cell {bad.cell}: {bad.error}")
+
+
+def course_notebooks() -> list[Path]:
+    """The numbered notebooks, in order."""
+    nbs = sorted(project_path("notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if not nbs:
+        raise FileNotFoundError(f"no numbered notebooks in {project_path('notebooks')}")
+    return nbs
+
+
+def resolve_notebooks(names: list[str] | None) -> list[Path]:
+    """Notebook paths from names such as ``01``, ``01_text_to_image`` or a path."""
+    all_nbs = course_notebooks()
+    if not names:
+        return all_nbs
+    out = []
+    for name in names:
+        p = Path(name)
+        if p.suffix == ".ipynb" and p.exists():
+            out.append(p.resolve())
+            continue
+        hits = [nb for nb in all_nbs if nb.stem == name or nb.stem.startswith(name)]
+        if len(hits) != 1:
+            known = ", ".join(nb.stem for nb in all_nbs)
+            raise ValueError(f"notebook {name!r} matches {len(hits)} notebooks; known: {known}")
+        out.append(hits[0])
+    return out
+
+
+def declared_parameters(nb_path: Path) -> dict:
+    import papermill
+
+    return papermill.inspect_notebook(str(nb_path))
+
+
+def run_notebooks(notebooks: list[str] | None = None, out: str | os.PathLike = "runs/course",
+                  profile: str = "tiny", parameters: dict | None = None, kernel_name: str = "python3",
+                  cell_timeout: int = 1800, log_output: bool = False, stop_on_error: bool = True,
+                  quiet: bool = False) -> list[NotebookResult]:
+    """Execute notebooks in order into ``out``; returns one result per notebook.
+
+    Every notebook gets ``profile`` and ``out_dir``; other parameters go only to
+    the notebooks that declare them, and a parameter no notebook declares is an
+    error (a typo would otherwise be silently ignored).
+    """
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    paths = resolve_notebooks(notebooks)
+    out_dir = project_path(out)
+    (out_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    parameters = dict(parameters or {})
+    declared = {p: declared_parameters(p) for p in paths}
+    unknown = [k for k in parameters if not any(k in d for d in declared.values())]
+    if unknown:
+        raise ValueError(f"parameter(s) {unknown} are declared by none of "
+                         f"{[p.stem for p in paths]}; check the spelling")
+    env_before = os.environ.get("KOLORS_COURSE_HEADLESS")
+    os.environ["KOLORS_COURSE_HEADLESS"] = "1"       # inherited by the kernels
+    os.environ.setdefault("KOLORS_COURSE_HOME", str(project_root()))
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    results: list[NotebookResult] = []
+    try:
+        for i, nb in enumerate(paths):
+            params = {"profile": profile, "out_dir": str(out_dir)}
+            params.update({k: v for k, v in parameters.items() if k in declared[nb]})
+            target = out_dir / "notebooks" / nb.name
+            if not quiet:
+                print(f"[{i + 1}/{len(paths)}] {nb.stem} ...", flush=True)
+            t0 = time.perf_counter()
+            res = NotebookResult(nb.stem, "ok", output=relative_to_root(target), parameters=params)
+            try:
+                pm.execute_notebook(str(nb), str(target), parameters=params, kernel_name=kernel_name,
+                                    cwd=str(nb.parent), progress_bar=False, log_output=log_output,
+                                    execution_timeout=cell_timeout)
+            except PapermillExecutionError as exc:
+                # exec_count is the [n] shown in the executed copy (papermill's
+                # injected-parameters cell counts too)
+                res.status, res.cell = "failed", exc.exec_count
+                first = (exc.source or "").strip().splitlines()[:1]
+                res.error = f"{exc.ename}: {exc.evalue}" + (f"  (in `{first[0][:80]}`)" if first else "")
+            except Exception as exc:   # kernel died, timeout, bad notebook
+                res.status, res.error = "failed", f"{type(exc).__name__}: {exc}"
+            res.seconds = round(time.perf_counter() - t0, 1)
+            results.append(res)
+            if not quiet:
+                print(f"      {res.status} in {res.seconds:.1f} s" +
+                      (f" -- cell {res.cell}: {res.error}" if res.status == "failed" else ""), flush=True)
+            if res.status == "failed" and stop_on_error:
+                for rest in paths[i + 1:]:
+                    results.append(NotebookResult(rest.stem, "skipped",
+                                                  error=f"not run: {nb.stem} failed first"))
+                break
+    finally:
+        if env_before is None:
+            os.environ.pop("KOLORS_COURSE_HEADLESS", None)
+        else:
+            os.environ["KOLORS_COURSE_HEADLESS"] = env_before
+    write_summary(results, out_dir, profile)
+    return results
+
+
+def write_summary(results: list[NotebookResult], out_dir: Path, profile: str) -> Path:
+    data = {"profile": profile, "results": [asdict(r) for r in results],
+            "total_seconds": round(sum(r.seconds for r in results), 1)}
+    path = out_dir / "summary.json"
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    return path
+
+
+def format_summary(results: list[NotebookResult]) -> str:
+    width = max([len(r.notebook) for r in results] + [8])
+    lines = [f"{'notebook':<{width}}  {'status':<7}  {'seconds':>7}  detail",
+             "-" * (width + 30)]
+    for r in results:
+        detail = r.output if r.status == "ok" else (
+            f"cell {r.cell}: {r.error}" if r.cell is not None else r.error)
+        lines.append(f"{r.notebook:<{width}}  {r.status:<7}  {r.seconds:>7.1f}  {detail[:200]}")
+    total = sum(r.seconds for r in results)
+    ok = sum(r.status == "ok" for r in results)
+    lines.append(f"{ok}/{len(results)} notebooks ran, {total:.1f} s in all")
+    return "\n".join(lines)

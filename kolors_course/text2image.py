@@ -1,0 +1,86 @@
+"""Generating images: prompts, one image, sweeps.
+
+Prompt anatomy (提示词), as the course teaches it, from general to specific:
+subject (主体描述), details (细节描述), modifiers (修饰词), art style (艺术风格),
+artist (艺术家).  Kolors reads Chinese natively, so the parts may be Chinese.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterable
+
+from .bars import inner_progress, progress
+
+#: the course's shared negative prompt (反向提示词)
+DEFAULT_NEGATIVE = "丑陋、变形、嘈杂、模糊、低对比度，扭曲的手指，多余的手指"
+
+
+@dataclass
+class PromptParts:
+    subject: str = ""
+    details: str = ""
+    modifiers: str = ""
+    style: str = ""
+    artist: str = ""
+
+    def compose(self, sep: str = "，") -> str:
+        """Style first, as the course's prompts do, then the rest in order."""
+        order = [self.style, self.subject, self.details, self.modifiers,
+                 f"{self.artist}风格" if self.artist and not self.artist.endswith("风格") else self.artist]
+        return sep.join(p.strip() for p in order if p and p.strip())
+
+    def steps(self) -> list[tuple[str, str]]:
+        """The prompt built up one part at a time: (part added, prompt so far)."""
+        out, acc = [], PromptParts()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value:
+                setattr(acc, f.name, value)
+                out.append((f.name, acc.compose()))
+        return out
+
+
+def _check_size(height: int, width: int) -> None:
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or v <= 0 or v % 64:
+            raise ValueError(f"{name}={v!r}: Kolors needs a positive multiple of 64 "
+                             "(e.g. 64 on the tiny profile, 1024 on kolors)")
+
+
+def generate(pipe, prompt: str, negative_prompt: str = DEFAULT_NEGATIVE, seed: int = 0,
+             cfg_scale: float | None = None, steps: int | None = None, height: int | None = None,
+             width: int | None = None, **pipe_kwargs):
+    """One image.  Unset settings come from the profile the pipeline was loaded for.
+
+    The same pipeline, prompt, seed and settings give the same image, bit for bit.
+    """
+    prof = getattr(pipe, "kit_profile", None)
+    cfg_scale = cfg_scale if cfg_scale is not None else (prof.cfg_scale if prof else 4.0)
+    steps = steps if steps is not None else (prof.steps if prof else 50)
+    height = height if height is not None else (prof.height if prof else 1024)
+    width = width if width is not None else (prof.width if prof else 1024)
+    _check_size(height, width)
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r}: use a non-negative integer")
+    if steps < 1:
+        raise ValueError(f"steps={steps}: use at least 1")
+    return pipe(prompt=prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale,
+                num_inference_steps=steps, height=height, width=width, seed=seed,
+                progress_bar_cmd=inner_progress, **pipe_kwargs)
+
+
+def sweep(pipe, prompt: str, param: str, values: Iterable, negative_prompt: str = DEFAULT_NEGATIVE,
+          seed: int = 0, **fixed):
+    """The same prompt with one setting varied: returns ``[(label, image), ...]``.
+
+    ``param`` is any argument of ``generate`` (``cfg_scale``, ``seed``, ``steps``,
+    ``negative_prompt``...); everything else stays fixed, so the pictures differ
+    only by that one knob.
+    """
+    values = list(values)
+    out = []
+    for v in progress(values, desc=f"{param} sweep"):
+        kwargs = dict(fixed, negative_prompt=negative_prompt, seed=seed)
+        kwargs[param] = v
+        out.append((f"{param}={v}", generate(pipe, prompt, **kwargs)))
+    return out

@@ -1,0 +1,62 @@
+import os
+
+import pytest
+
+from kolors_course import paths
+from kolors_course.profiles import KOLORS, TINY, choose_profile
+
+
+def test_profiles_hold_their_sizes():
+    assert (TINY.height, TINY.width, TINY.steps) == (64, 64, 2)
+    assert (KOLORS.height, KOLORS.width, KOLORS.steps) == (1024, 1024, 50)
+    assert KOLORS.device == "cuda" and TINY.device == "cpu"
+    assert KOLORS.lora_rank == 16 and KOLORS.lora_alpha == 4.0
+
+
+def test_auto_picks_tiny_without_gpu_and_says_why(capsys, monkeypatch):
+    import kolors_course.profiles as P
+    monkeypatch.setattr(P, "_gpu_memory_gb", lambda: None)
+    assert choose_profile("auto").name == "tiny"
+    assert "no CUDA GPU" in capsys.readouterr().out
+    monkeypatch.setattr(P, "_gpu_memory_gb", lambda: ("T4", 15.0 - 0.5))
+    assert choose_profile("auto").name == "tiny"
+    assert "less than" in capsys.readouterr().out
+    monkeypatch.setattr(P, "_gpu_memory_gb", lambda: ("A10", 24.0))
+    assert choose_profile("auto").name == "kolors"
+
+
+def test_unknown_profile_and_field_are_errors():
+    with pytest.raises(ValueError, match="unknown profile"):
+        choose_profile("huge")
+    with pytest.raises(TypeError, match="unknown profile field"):
+        choose_profile("tiny", stpes=3)
+    assert choose_profile("tiny", steps=3).steps == 3
+
+
+def test_cache_path_is_under_project_and_overridable(monkeypatch, tmp_path):
+    monkeypatch.delenv("KOLORS_COURSE_CACHE", raising=False)
+    assert TINY.cache_path == paths.project_root() / "cache" / "tiny"
+    monkeypatch.setenv("KOLORS_COURSE_CACHE", str(tmp_path))
+    assert TINY.cache_path == tmp_path
+
+
+def test_project_root_found_from_notebooks_folder(monkeypatch):
+    root = paths.project_root()
+    monkeypatch.delenv("KOLORS_COURSE_HOME")
+    monkeypatch.chdir(root / "notebooks")
+    assert paths.project_root() == root
+    assert paths.project_path("runs/x") == root / "runs" / "x"
+
+
+def test_inside_refuses_escapes(tmp_path):
+    base = tmp_path / "data"
+    base.mkdir()
+    (base / "a.jpg").write_bytes(b"x")
+    assert paths.inside(base, "a.jpg") == (base / "a.jpg").resolve()
+    with pytest.raises(ValueError, match="outside"):
+        paths.inside(base, "../secret.txt")
+    with pytest.raises(ValueError, match="outside"):
+        paths.inside(base, "/etc/passwd")
+    os.symlink("/etc", base / "link")
+    with pytest.raises(ValueError, match="outside"):
+        paths.inside(base, "link/passwd")

@@ -1,0 +1,60 @@
+import sys
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from kolors_course import cli, runner
+
+
+def _notebook(path, body):
+    params = new_code_cell('profile = "tiny"\nout_dir = "runs/x"\nanswer = 1')
+    params.metadata["tags"] = ["parameters"]
+    nb = new_notebook(cells=[params, new_code_cell("x = 1"), new_code_cell(body)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_failure_names_notebook_cell_and_error(tmp_path, capsys):
+    nb = _notebook(tmp_path / "99_broken.ipynb", "assert answer == 2, 'answer must be 2'")
+    code = cli.main(["run", str(nb), "--out", str(tmp_path / "out")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "99_broken" in err and "cell 4" in err and "assert answer == 2" in err and "answer must be 2" in err
+    assert (tmp_path / "out" / "notebooks" / "99_broken.ipynb").exists()
+
+
+def test_parameters_are_injected(tmp_path):
+    nb = _notebook(tmp_path / "98_ok.ipynb", "assert answer == 2 and profile == 'tiny'")
+    results = runner.run_notebooks([str(nb)], out=tmp_path / "out", parameters={"answer": 2}, quiet=True)
+    assert [r.status for r in results] == ["ok"]
+    assert results[0].parameters["answer"] == 2
+
+
+def test_unknown_parameter_is_refused(tmp_path, capsys):
+    nb = _notebook(tmp_path / "97.ipynb", "pass")
+    assert cli.main(["run", str(nb), "-p", "ansewr", "3", "--out", str(tmp_path / "o")]) == 2
+    assert "ansewr" in capsys.readouterr().err
+
+
+def test_later_notebooks_are_skipped_after_a_failure(tmp_path):
+    bad = _notebook(tmp_path / "01_bad.ipynb", "raise RuntimeError('boom')")
+    good = _notebook(tmp_path / "02_good.ipynb", "pass")
+    results = runner.run_notebooks([str(bad), str(good)], out=tmp_path / "o", quiet=True)
+    assert [r.status for r in results] == ["failed", "skipped"]
+    assert "boom" in results[0].error
+    assert "01_bad" in runner.format_summary(results)
+
+
+def test_resolve_notebooks_by_prefix():
+    assert runner.resolve_notebooks(["01"])[0].stem == "01_text_to_image"
+    with pytest.raises(ValueError, match="known"):
+        runner.resolve_notebooks(["7"])
+
+
+def test_cli_values_are_parsed_safely():
+    assert cli._parse_value("8") == 8
+    assert cli._parse_value("[1, 2]") == [1, 2]
+    assert cli._parse_value("!!python/object/apply:os.system ['true']") == \
+        "!!python/object/apply:os.system ['true']"
