@@ -40,6 +40,7 @@ class Profile:
     dataset: str = "synthetic"            # "synthetic", a ModelScope id, or a folder
     dataset_limit: int | None = None
     min_side: int = 48                    # data-juicer image_shape_filter minimum
+    min_file_size: str | None = "1KB"     # data-juicer image_size_filter minimum
     # -- training --------------------------------------------------------------
     train_resolution: int = 64
     train_steps: int = 30
@@ -72,6 +73,13 @@ class Profile:
 
         return getattr(torch, self.dtype)
 
+    def recipe(self, **changes):
+        """The data-juicer filter recipe for this profile's image sizes."""
+        from .data_filter import Recipe
+
+        r = Recipe(min_width=self.min_side, min_height=self.min_side, min_size=self.min_file_size)
+        return dataclasses.replace(r, **changes) if changes else r
+
     def summary(self) -> str:
         return (f"profile {self.name}: {self.width}x{self.height}, {self.steps} steps, "
                 f"cfg {self.cfg_scale}, {self.dtype} on {self.device}, models from "
@@ -96,6 +104,7 @@ KOLORS = Profile(
     cfg_scale=4.0,
     dataset="AI-ModelScope/lowres_anime",
     min_side=1024,
+    min_file_size=None,
     train_resolution=1024,
     train_steps=500,
     lora_rank=16,

@@ -1,0 +1,147 @@
+"""Decode, check and normalise every source image before data-juicer sees it.
+
+data-juicer drops a whole batch when one file cannot be read, and reports the
+run as a success; so every image is opened here first, and either converted to
+a plain RGB JPEG or dropped with a stated reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data_sources import SourceItem
+
+#: Pillow's own limit (about 89 megapixels) stays in force: a bigger image is dropped
+JPEG_QUALITY = 95
+
+
+@dataclass
+class CleanItem:
+    id: str
+    source: str
+    file: Path           # the normalised RGB JPEG
+    caption: str | None
+    width: int
+    height: int
+    notes: list
+
+
+@dataclass
+class Dropped:
+    id: str
+    source: str
+    stage: str           # "decode", "caption", "duplicate", or a data-juicer filter name
+    reason: str
+
+
+_COLOUR_NAMES = {"红": (220, 40, 40), "蓝": (40, 80, 220), "绿": (40, 170, 70), "黄": (235, 200, 40),
+                 "紫": (140, 60, 190), "橙": (240, 130, 30), "白": (245, 245, 245), "黑": (25, 25, 25),
+                 "灰": (128, 128, 128), "棕": (120, 80, 40), "粉": (240, 160, 190)}
+
+
+def image_facts(img) -> dict:
+    """Orientation and dominant colour, in Chinese, for caption templates."""
+    w, h = img.size
+    orientation = "横构图" if w > h * 1.1 else "竖构图" if h > w * 1.1 else "方构图"
+    small = img.convert("RGB").resize((16, 16))
+    px = list(small.getdata())
+    r, g, b = (sum(c[i] for c in px) / len(px) for i in range(3))
+    colour = min(_COLOUR_NAMES, key=lambda k: sum((a - c) ** 2 for a, c in zip(_COLOUR_NAMES[k], (r, g, b))))
+    return {"orientation": orientation, "color": f"{colour}色调"}
+
+
+def to_rgb(img):
+    """Any Pillow mode to RGB: transparency over white, 16-bit scaled to 8-bit, CMYK converted."""
+    from PIL import Image
+
+    notes = []
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype("uint8"))
+        notes.append(f"{mode} scaled to 8 bits")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        notes.append("palette converted")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+        notes.append("transparency flattened on white")
+    if img.mode == "CMYK":
+        notes.append("CMYK converted")
+    if img.mode == "L":
+        notes.append("greyscale converted")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img, notes
+
+
+def decode(path: Path):
+    """Open, fully decode and orient one image; raises ValueError with a plain reason."""
+    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+    if not path.exists():
+        raise ValueError("file not found")
+    if path.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    # data-juicer (and parts of modelscope) set LOAD_TRUNCATED_IMAGES = True at
+    # import, which makes Pillow pad a truncated file with grey instead of failing
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                im.load()
+                oriented = ImageOps.exif_transpose(im)
+                rotated = oriented is not None and oriented.size != im.size
+                img = (oriented if oriented is not None else im).copy()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ValueError(f"too many pixels, past Pillow's decompression-bomb limit ({exc})") from None
+        except UnidentifiedImageError:
+            raise ValueError("not an image (Pillow cannot identify the file)") from None
+        except (OSError, SyntaxError) as exc:
+            raise ValueError(f"truncated or corrupt image ({exc})") from None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+    return img, (["EXIF rotation applied"] if rotated else [])
+
+
+def normalise(items: list[SourceItem], out_dir: Path, progress=None):
+    """Write each good image as ``out_dir/<n>.jpg`` (RGB); return (kept, dropped)."""
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept: list[CleanItem] = []
+    dropped: list[Dropped] = []
+    seen: dict[str, str] = {}
+    iterator = progress(items, desc="checking images") if progress else items
+    for item in iterator:
+        if item.path is None:
+            dropped.append(Dropped(item.id, item.id, "decode", item.note))
+            continue
+        try:
+            img, notes = decode(item.path)
+        except ValueError as exc:
+            dropped.append(Dropped(item.id, item.id, "decode", str(exc)))
+            continue
+        img, more = to_rgb(img)
+        notes += more
+        digest = hashlib.sha1(img.tobytes() + repr(img.size).encode()).hexdigest()
+        if digest in seen:
+            dropped.append(Dropped(item.id, item.id, "duplicate", f"same pixels as {seen[digest]}"))
+            continue
+        seen[digest] = item.id
+        if item.note:
+            notes.append(item.note)
+        target = out_dir / f"{len(kept):05d}.jpg"
+        img.save(target, "JPEG", quality=JPEG_QUALITY)
+        kept.append(CleanItem(item.id, item.id, target, item.caption, img.width, img.height, notes))
+        img.close() if isinstance(img, Image.Image) else None
+    return kept, dropped

@@ -1,0 +1,110 @@
+"""The data set report: counts per stage, reasons, histograms and a preview grid."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_report(folder: Path, items_before, items_after, dropped, counts, src_folder: Path) -> dict:
+    rep = folder / "report"
+    rep.mkdir(parents=True, exist_ok=True)
+    report = {
+        "counts": [{"stage": s, "left": n} for s, n in counts],
+        "dropped": [{"id": d.id, "stage": d.stage, "reason": d.reason} for d in dropped],
+        "kept": [{"id": it.id, "caption": it.caption, "size": [it.width, it.height],
+                  "notes": it.notes} for it in items_after],
+        "dropped_by_stage": {},
+    }
+    for d in dropped:
+        report["dropped_by_stage"][d.stage] = report["dropped_by_stage"].get(d.stage, 0) + 1
+    (rep / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    plot_histograms(items_before, items_after, rep / "sizes.png")
+    plot_preview(items_after, dropped, items_before, src_folder, rep / "preview.png")
+    return report
+
+
+def plot_histograms(before, after, path: Path):
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    for ax, (title, fn) in zip(axes, [("width (px)", lambda it: it.width),
+                                      ("height (px)", lambda it: it.height),
+                                      ("aspect ratio (w/h)", lambda it: it.width / it.height)]):
+        b = [fn(it) for it in before]
+        a = [fn(it) for it in after]
+        bins = 12
+        ax.hist(b, bins=bins, alpha=0.5, label=f"before filters ({len(b)})")
+        ax.hist(a, bins=bins, alpha=0.7, label=f"kept ({len(a)})")
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_preview(kept, dropped, before, src_folder: Path, path: Path, n_kept: int = 8, n_dropped: int = 8):
+    """Kept images (top) and dropped ones (bottom) with why; captions are in report.json."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    staged = {it.id: it.file for it in before}
+    rows = [("kept", it.id, staged.get(it.id), f"kept: {it.width}x{it.height}") for it in kept[:n_kept]]
+    drows = []
+    for d in dropped[:n_dropped]:
+        f = staged.get(d.id)
+        if f is None:
+            cand = src_folder / d.id
+            f = cand if cand.is_file() else None
+        drows.append(("dropped", d.id, f, f"{d.stage}: {d.reason}"))
+    cols = max(len(rows), len(drows), 1)
+    fig, axes = plt.subplots(2, cols, figsize=(cols * 1.9, 2 * 2.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, group in enumerate((rows, drows)):
+        for c, (_, ident, f, label) in enumerate(group):
+            ax = axes[r][c]
+            img = None
+            if f is not None:
+                try:
+                    with Image.open(f) as im:
+                        img = im.convert("RGB").copy()
+                except Exception:
+                    img = None
+            if img is not None:
+                ax.imshow(img)
+            else:
+                ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=8)
+            ax.set_title(_wrap(f"{ident}\n{label}", 28), fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _wrap(text: str, width: int) -> str:
+    out = []
+    for line in text.splitlines():
+        while len(line) > width:
+            out.append(line[:width])
+            line = line[width:]
+        out.append(line)
+    return "\n".join(out[:5])
+
+
+def preview_training_set(folder, n: int = 8, save_to=None):
+    """A grid of the first ``n`` training images, labelled with their file names."""
+    from PIL import Image
+
+    from .dataset import read_training_set
+    from .viz import show_grid
+
+    items = []
+    for p, _ in read_training_set(folder)[:n]:
+        with Image.open(p) as im:
+            items.append((p.name, im.convert("RGB").copy()))
+    return show_grid(items, cols=min(n, 8), title="first training images", save_to=save_to)

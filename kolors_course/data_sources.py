@@ -1,0 +1,257 @@
+"""Where raw training images come from: a local folder, a ModelScope data set,
+or the kit's own synthetic set.  Every source ends up as a local folder of
+image files plus optional captions, read by ``read_folder``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .paths import inside
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class SourceItem:
+    id: str                      # stable name, the file's path relative to the folder
+    path: Path | None            # None when the metadata pointed somewhere refused
+    caption: str | None          # None: no caption found
+    note: str = ""               # why the caption is missing, or why the path was refused
+
+
+class SourceError(RuntimeError):
+    """The source cannot be read at all (not a folder, offline hub...)."""
+
+
+def _read_text(path: Path) -> tuple[str | None, str]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None, f"caption file {path.name} is not UTF-8 (re-save it as UTF-8)"
+    text = " ".join(text.split())
+    return (text or None), ("" if text else f"caption file {path.name} is empty")
+
+
+def read_folder(folder: str | os.PathLike) -> list[SourceItem]:
+    """Images under ``folder`` with captions from ``metadata.jsonl``, ``metadata.csv``
+    (columns ``file_name,text``) or side-car ``.txt`` files, in that order of preference.
+
+    Metadata paths are resolved inside ``folder``; one that points outside is
+    kept as a refused item (never opened) so the report can say so.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SourceError(f"{folder} is not a folder of images")
+    items: dict[str, SourceItem] = {}
+    meta_rows = _metadata_rows(folder)
+    if meta_rows is not None:
+        for name, text in meta_rows:
+            try:
+                p = inside(folder, name)
+            except ValueError:
+                items[name] = SourceItem(name, None, None, "path points outside the dataset folder: refused")
+                continue
+            cap = " ".join(str(text).split()) if text is not None else None
+            items[name] = SourceItem(name, p, cap or None, "" if cap else "empty caption in metadata")
+        return sorted(items.values(), key=lambda it: it.id)
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() not in IMAGE_EXTS or not p.is_file() and not p.is_symlink():
+            continue
+        rel = str(p.relative_to(folder))
+        try:
+            real = inside(folder, rel)
+        except ValueError:
+            items[rel] = SourceItem(rel, None, None, "symlink points outside the dataset folder: refused")
+            continue
+        side = p.with_suffix(".txt")
+        if side.is_file():
+            cap, note = _read_text(side)
+        else:
+            cap, note = None, "no caption file"
+        items[rel] = SourceItem(rel, real, cap, note)
+    return sorted(items.values(), key=lambda it: it.id)
+
+
+def _metadata_rows(folder: Path):
+    jl, cs = folder / "metadata.jsonl", folder / "metadata.csv"
+    if jl.is_file():
+        rows = []
+        for n, line in enumerate(jl.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{jl}: line {n} is not JSON ({exc.msg})") from exc
+            name = row.get("file_name") or row.get("image") or row.get("path")
+            if not name:
+                raise SourceError(f"{jl}: line {n} has no file_name")
+            rows.append((name, row.get("text", row.get("caption"))))
+        return rows
+    if cs.is_file():
+        with cs.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "file_name" not in reader.fieldnames:
+                raise SourceError(f"{cs} needs a header with file_name (and text)")
+            return [(r["file_name"], r.get("text")) for r in reader]
+    return None
+
+
+# --- ModelScope -------------------------------------------------------------------
+def download_modelscope(dataset_id: str, dest: Path, subset: str = "default", split: str = "train",
+                        limit: int | None = None, cache_dir: Path | None = None) -> Path:
+    """Save a ModelScope image data set as image files + ``metadata.jsonl`` in ``dest``."""
+    from .models import _hub_reachable
+
+    why = _hub_reachable()
+    if why:
+        raise SourceError(f"cannot download the ModelScope data set {dataset_id}: {why}. "
+                          "Point `source` at a local folder of images, or use source='synthetic'.")
+    from modelscope.msdatasets import MsDataset
+
+    ds = MsDataset.load(dataset_id, subset_name=subset, split=split,
+                        cache_dir=str(cache_dir) if cache_dir else None)
+    dest.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, row in enumerate(ds):
+        if limit is not None and i >= limit:
+            break
+        image = row.get("image") or row.get("image:FILE")
+        if image is None:
+            continue
+        name = f"{i:06d}.png"
+        if isinstance(image, (str, os.PathLike)):
+            from PIL import Image
+            image = Image.open(image)
+        image.save(dest / name)
+        text = row.get("text") or row.get("caption")
+        rows.append({"file_name": name, "text": text})
+    with (dest / "metadata.jsonl").open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return dest
+
+
+# --- synthetic ---------------------------------------------------------------------
+_COLOURS = {"红色": (220, 40, 40), "蓝色": (40, 80, 220), "绿色": (40, 170, 70), "黄色": (235, 200, 40),
+            "紫色": (140, 60, 190), "橙色": (240, 130, 30), "白色": (245, 245, 245), "黑色": (25, 25, 25)}
+_SHAPES = ["圆形", "方块", "三角形", "星星"]
+
+
+def _draw(size, seed):
+    """A picture of a coloured shape on a coloured, lightly textured background."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    names = list(_COLOURS)
+    fg, bg = rng.sample(names, 2)
+    shape = rng.choice(_SHAPES)
+    w, h = size
+    img = Image.new("RGB", size, _COLOURS[bg])
+    d = ImageDraw.Draw(img)
+    for _ in range(max(4, w * h // 200)):   # texture, so files are not trivially small
+        x, y = rng.randrange(w), rng.randrange(h)
+        c = tuple(max(0, min(255, v + rng.randint(-40, 40))) for v in _COLOURS[bg])
+        d.point((x, y), fill=c)
+    cx, cy, r = w // 2 + rng.randint(-w // 8, w // 8), h // 2 + rng.randint(-h // 8, h // 8), min(w, h) // 3
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "圆形":
+        d.ellipse(box, fill=_COLOURS[fg])
+    elif shape == "方块":
+        d.rectangle(box, fill=_COLOURS[fg])
+    elif shape == "三角形":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=_COLOURS[fg])
+    else:
+        pts = []
+        import math
+        for k in range(10):
+            rr = r if k % 2 == 0 else r // 2
+            a = math.pi / 2 + k * math.pi / 5
+            pts.append((cx + rr * math.cos(a), cy - rr * math.sin(a)))
+        d.polygon(pts, fill=_COLOURS[fg])
+    return img, f"一个{fg}的{shape}，{bg}背景"
+
+
+def make_synthetic_source(dest: str | os.PathLike, n: int = 24, seed: int = 0, base: int = 64) -> Path:
+    """A deterministic folder of images with side-car captions, including bad items.
+
+    Good images vary in size, aspect ratio and colour mode (RGB, RGBA, palette,
+    greyscale, CMYK, 16-bit, EXIF-rotated).  Deliberately bad ones: a zero-byte
+    file, a truncated JPEG, a text file named .png, a too-small image, an
+    extreme aspect ratio, a nearly blank image (tiny file), a duplicate, a
+    missing, an empty and a non-UTF-8 caption.
+    """
+    from PIL import Image
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    sizes = [(base, base), (base * 3 // 2, base), (base, base * 3 // 2), (base * 5 // 4, base * 5 // 4),
+             (base * 2, base * 3 // 2)]
+    modes = ["RGB", "RGBA", "P", "L", "CMYK", "I;16", "EXIF"]
+    made = []
+
+    def save(name, img, caption, fmt=None, **kw):
+        img.save(dest / name, fmt, **kw)
+        if caption is not None:
+            (dest / name).with_suffix(".txt").write_text(caption, encoding="utf-8")
+        made.append(name)
+
+    for i in range(n):
+        size = sizes[i % len(sizes)]
+        img, cap = _draw(size, seed * 1000 + i)
+        mode = modes[i % len(modes)]
+        stem = f"img_{i:03d}"
+        if mode == "RGB":
+            save(f"{stem}.jpg", img, cap, quality=92)
+        elif mode == "RGBA":
+            rgba = img.convert("RGBA")
+            rgba.putalpha(Image.new("L", size, 200))
+            save(f"{stem}.png", rgba, cap)
+        elif mode == "P":
+            save(f"{stem}.gif", img.convert("P", palette=Image.Palette.ADAPTIVE, colors=32), cap)
+        elif mode == "L":
+            save(f"{stem}.png", img.convert("L"), cap)
+        elif mode == "CMYK":
+            save(f"{stem}.jpg", img.convert("CMYK"), cap, quality=92)
+        elif mode == "I;16":
+            import numpy as np
+            arr = (np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+            save(f"{stem}.png", Image.fromarray(arr.astype("<u2")), cap)
+        else:  # stored rotated, with an EXIF orientation tag that undoes it
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            save(f"{stem}.jpg", img.rotate(90, expand=True), cap, exif=exif, quality=92)
+    # deliberately bad or odd items
+    (dest / "bad_empty.jpg").write_bytes(b"")
+    (dest / "bad_empty.txt").write_text("一个空文件", encoding="utf-8")
+    good, _ = _draw((base, base), seed + 7)
+    buf = io.BytesIO()
+    good.save(buf, "JPEG", quality=92)
+    (dest / "bad_truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (dest / "bad_truncated.txt").write_text("一个截断的文件", encoding="utf-8")
+    (dest / "bad_not_image.png").write_text("this is not a picture", encoding="utf-8")
+    small, cap = _draw((base // 3, base // 3), seed + 8)
+    save("odd_too_small.png", small, cap)
+    wide, cap = _draw((base * 3, base - 8), seed + 9)
+    save("odd_too_wide.png", wide, cap)
+    blank = Image.new("RGB", (base, base), (128, 128, 128))
+    save("odd_blank.jpg", blank, "一张灰色的空白图", quality=50)
+    first = sorted(p for p in made if p.startswith("img_"))[0]
+    (dest / "odd_duplicate.jpg").write_bytes((dest / first).read_bytes())
+    (dest / "odd_duplicate.txt").write_text("重复的图片", encoding="utf-8")
+    nocap, _ = _draw((base, base), seed + 10)
+    nocap.save(dest / "odd_no_caption.jpg", quality=92)
+    emptycap, _ = _draw((base, base), seed + 11)
+    save("odd_empty_caption.jpg", emptycap, "   ", quality=92)
+    gbk, cap = _draw((base, base), seed + 12)
+    gbk.save(dest / "odd_gbk_caption.jpg", quality=92)
+    (dest / "odd_gbk_caption.txt").write_bytes(cap.encode("gbk"))
+    return dest

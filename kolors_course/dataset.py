@@ -1,0 +1,278 @@
+"""Building a LoRA training set: source -> checked images -> captions -> data-juicer
+filters -> ``train/`` folder with ``metadata.csv``, plus a report.
+
+The result is built in a new folder beside the target and moved into place only
+when complete.  The source images are only read, never changed.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import data_clean, data_filter, data_sources
+from .bars import progress
+from .data_filter import FilterError, Recipe
+from .paths import project_path, relative_to_root
+
+MARKER = "dataset.json"
+
+
+class DatasetError(RuntimeError):
+    """The data set cannot be built as asked; the message says what to change."""
+
+
+@dataclass
+class Captions:
+    """How each image gets its caption.
+
+    ``mode="source"`` keeps the source's caption and uses ``fallback`` where an
+    image has none; ``mode="template"`` builds every caption from ``template``.
+    Templates may use {trigger}, {caption}, {orientation} (横/竖/方构图), {color}
+    (dominant colour) and {index}.  ``fallback=None`` drops uncaptioned images.
+    """
+    mode: str = "source"
+    trigger: str = ""
+    template: str = "{trigger}，{caption}"
+    fallback: str | None = "{trigger}，{orientation}，{color}"
+
+    def make(self, item, facts: dict, index: int) -> str | None:
+        if self.mode not in ("source", "template"):
+            raise ValueError("captions mode must be 'source' or 'template'")
+        fields = dict(facts, trigger=self.trigger, caption=item.caption or "", index=index)
+        if self.mode == "template" or item.caption:
+            text = self.template.format(**fields)
+        elif self.fallback is not None:
+            text = self.fallback.format(**fields)
+        else:
+            return None
+        return _tidy(text)
+
+
+def _tidy(text: str) -> str:
+    parts = [p.strip() for p in text.replace(",", "，").split("，")]
+    return "，".join(p for p in parts if p)
+
+
+@dataclass
+class BuildResult:
+    folder: Path
+    n_in: int
+    n_out: int
+    counts: list = field(default_factory=list)       # [(stage, left)]
+    dropped: list = field(default_factory=list)      # [Dropped as dict]
+    report: dict = field(default_factory=dict)
+
+    @property
+    def train_dir(self) -> Path:
+        return self.folder / "train"
+
+    def summary(self) -> str:
+        lines = [f"{self.n_in} images in, {self.n_out} kept -> {relative_to_root(self.train_dir)}"]
+        for stage, left in self.counts:
+            lines.append(f"  after {stage:<26} {left:>5}")
+        by_stage: dict[str, int] = {}
+        for d in self.dropped:
+            by_stage[d["stage"]] = by_stage.get(d["stage"], 0) + 1
+        if by_stage:
+            lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in by_stage.items()))
+        return "\n".join(lines)
+
+
+def resolve_source(source: str, workdir: Path, limit: int | None, seed: int, base: int) -> Path:
+    """A local folder for any source: the folder itself, a synthetic set, or a ModelScope download."""
+    if source == "synthetic":
+        return data_sources.make_synthetic_source(workdir / "synthetic_source", n=limit or 24,
+                                                  seed=seed, base=base)
+    p = project_path(source)
+    if p.is_dir():
+        return p
+    if "/" in source and not source.startswith((".", "/")) and not p.exists():
+        cache = project_path("cache") / "datasets"
+        dest = cache / source.replace("/", "__")
+        if (dest / "metadata.jsonl").exists():
+            return dest
+        data_sources.download_modelscope(source, dest, limit=limit, cache_dir=cache / "modelscope")
+        return dest
+    raise DatasetError(f"source {source!r} is neither a folder, 'synthetic', nor a ModelScope id "
+                       "such as 'AI-ModelScope/lowres_anime'")
+
+
+def build_training_set(source: str, out: str | os.PathLike, recipe: Recipe | None = None,
+                       captions: Captions | None = None, limit: int | None = None, seed: int = 0,
+                       synthetic_size: int = 64, verbose: bool = False) -> BuildResult:
+    """Build ``out/train/`` (RGB JPEGs + ``metadata.csv``) and ``out/report/`` from ``source``."""
+    recipe = recipe or Recipe()
+    captions = captions or Captions()
+    recipe.validate()
+    if captions.mode not in ("source", "template"):
+        raise ValueError("captions mode must be 'source' or 'template'")
+    out = project_path(out)
+    if out.exists() and not (out / MARKER).exists():
+        raise DatasetError(f"{out} exists and was not made by this kit: choose another `out` "
+                           "(nothing was changed)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        src_folder = resolve_source(source, tmp, limit, seed, synthetic_size)
+        if src_folder.resolve() == out.resolve() or out.resolve() in src_folder.resolve().parents:
+            raise DatasetError("`out` must not contain the source images")
+        items = data_sources.read_folder(src_folder)
+        if limit is not None and source != "synthetic":
+            items = items[:limit]
+        if not items:
+            raise DatasetError(f"no images found in {src_folder} (extensions: "
+                               f"{', '.join(sorted(data_sources.IMAGE_EXTS))})")
+        staging = tmp / "staging"
+        kept, dropped = data_clean.normalise(items, staging, progress=progress)
+        counts = [("reading and checking", len(kept))]
+        # captions
+        from PIL import Image
+        captioned = []
+        for i, it in enumerate(kept):
+            with Image.open(it.file) as im:
+                facts = data_clean.image_facts(im)
+            text = captions.make(it, facts, i)
+            if text is None:
+                dropped.append(data_clean.Dropped(it.id, it.source, "caption",
+                                                  "no caption, and no fallback template"))
+                continue
+            if not it.caption:
+                it.notes.append("caption from template")
+            it.caption = text
+            captioned.append(it)
+        kept = captioned
+        counts.append(("captions", len(kept)))
+        if not kept:
+            raise DatasetError(_nothing_left("before filtering", dropped))
+        # data-juicer
+        data_filter.write_dj_input(kept, tmp / "dj_input.jsonl", tmp)
+        data_filter.write_recipe_yaml(recipe, tmp, len(kept))
+        result = data_filter.run_recipe(tmp, recipe, len(kept), verbose=verbose)
+        by_id = {it.id: it for it in kept}
+        left = len(kept)
+        for op, rows in result["dropped"].items():
+            for rid, stats in rows:
+                dropped.append(data_clean.Dropped(rid, by_id[rid].source, op, _reason(op, stats, recipe)))
+            left -= len(rows)
+            counts.append((op, left))
+        final = [by_id[i] for i in by_id if i in result["kept"]]
+        if not final:
+            raise DatasetError(_nothing_left("after the data-juicer filters", dropped, recipe))
+        _write_train(final, tmp / "train")
+        res = BuildResult(out, len(items), len(final), counts, [asdict(d) for d in dropped])
+        from .data_report import write_report
+        res.report = write_report(tmp, items_before=kept, items_after=final, dropped=dropped,
+                                  counts=counts, src_folder=src_folder)
+        (tmp / MARKER).write_text(json.dumps({
+            "source": source, "recipe": asdict(recipe), "captions": asdict(captions),
+            "limit": limit, "seed": seed, "n_in": len(items), "n_out": len(final),
+            "counts": counts, "seconds": round(time.perf_counter() - t0, 1),
+        }, indent=2, ensure_ascii=False), encoding="utf-8")
+        _swap_into_place(tmp, out)
+        res.report = json.loads((out / "report" / "report.json").read_text(encoding="utf-8"))
+        return res
+    except FilterError as exc:
+        raise DatasetError(str(exc)) from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _reason(op: str, stats: dict, recipe: Recipe) -> str:
+    def first(key):
+        v = stats.get(key)
+        return v[0] if isinstance(v, list) and v else v
+    if op == "image_shape_filter":
+        return (f"{first('image_width')}x{first('image_height')} px is smaller than "
+                f"{recipe.min_width}x{recipe.min_height}")
+    if op == "image_aspect_ratio_filter":
+        r = first("aspect_ratios")
+        return f"aspect ratio {r:.2f} is outside {recipe.min_ratio}-{recipe.max_ratio}" if r else op
+    if op == "image_size_filter":
+        s = first("image_sizes")
+        return (f"file size {s / 1024:.1f} KB is outside {recipe.min_size or 0}-{recipe.max_size or 'any'}"
+                if s is not None else op)
+    if op == "image_aesthetics_filter":
+        return f"aesthetics score {first('image_aesthetics_scores')} is below {recipe.min_aesthetics}"
+    return f"removed by {op}"
+
+
+def _nothing_left(where: str, dropped, recipe: Recipe | None = None) -> str:
+    by_stage: dict[str, int] = {}
+    for d in dropped:
+        by_stage[d.stage] = by_stage.get(d.stage, 0) + 1
+    lines = [f"No image is left {where}: nothing was written, and any earlier training set is kept."]
+    lines += [f"  {stage}: {n} removed (e.g. {next(d.reason for d in dropped if d.stage == stage)})"
+              for stage, n in by_stage.items()]
+    if recipe is not None:
+        lines.append("Loosen the recipe (min_width/min_height, min_ratio/max_ratio, min_size) "
+                     "or use bigger images.")
+    return "\n".join(lines)
+
+
+def _write_train(items, train: Path) -> None:
+    """``train/00000.jpg ...`` and ``metadata.csv`` (file_name,text), the layout the trainer reads."""
+    train.mkdir(parents=True)
+    with (train / "metadata.csv").open("w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "text"])
+        for i, it in enumerate(items):
+            name = f"{i:05d}.jpg"
+            shutil.copyfile(it.file, train / name)
+            w.writerow([name, it.caption])
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_training_set(folder: str | os.PathLike) -> list[tuple[Path, str]]:
+    """(image path, caption) pairs from a ``train/`` folder, checked."""
+    folder = project_path(folder)
+    train = folder / "train" if (folder / "train" / "metadata.csv").exists() else folder
+    meta = train / "metadata.csv"
+    if not meta.exists():
+        raise DatasetError(f"no metadata.csv in {train}: build the training set first "
+                           "(notebook 02_dataset)")
+    from .paths import inside
+
+    rows = []
+    with meta.open(encoding="utf-8", newline="") as f:
+        for r in csv.DictReader(f):
+            p = inside(train, r["file_name"])
+            if not p.is_file():
+                raise DatasetError(f"{meta} lists {r['file_name']}, which is missing")
+            rows.append((p, r.get("text") or ""))
+    if not rows:
+        raise DatasetError(f"{meta} lists no images: the training set is empty")
+    return rows
+
+
+def save_captions(folder: str | os.PathLike, captions: dict[str, str]) -> Path:
+    """Replace captions in ``train/metadata.csv`` (atomically); keys are file names."""
+    rows = read_training_set(folder)
+    meta = rows[0][0].parent / "metadata.csv"
+    tmp = meta.with_suffix(".csv.tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "text"])
+        for p, text in rows:
+            new = captions.get(p.name, text)
+            if not str(new).strip():
+                raise DatasetError(f"the caption for {p.name} would be empty")
+            w.writerow([p.name, " ".join(str(new).split())])
+    os.replace(tmp, meta)
+    return meta

@@ -1,0 +1,284 @@
+"""Dataset building: every bad-input case, the data-juicer checks, and the output layout."""
+import csv
+import hashlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from kolors_course import data_clean, data_filter, data_sources, dataset
+from kolors_course.data_filter import Recipe
+from kolors_course.dataset import Captions, DatasetError, build_training_set
+
+SMALL = Recipe(min_width=48, min_height=48, min_ratio=0.5, max_ratio=2.0, min_size="1KB")
+
+
+def _tree_hash(folder: Path) -> str:
+    h = hashlib.sha1()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def _img(path, size=(64, 64), colour=(200, 30, 30), mode="RGB", **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGB", size, colour)
+    for x in range(0, size[0], 3):           # some texture so JPEGs are not tiny
+        for y in range(0, size[1], 5):
+            im.putpixel((x, y), ((x * 7) % 256, (y * 11) % 256, 90))
+    if mode != "RGB":
+        im = im.convert(mode)
+    im.save(path, **kw)
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds") / "set"
+    res = build_training_set("synthetic", out, recipe=SMALL, captions=Captions(trigger="几何风"))
+    return res
+
+
+def test_synthetic_build_drops_something_at_every_stage(synthetic_build):
+    res = synthetic_build
+    stages = {d["stage"] for d in res.dropped}
+    assert {"decode", "duplicate", "image_shape_filter", "image_aspect_ratio_filter",
+            "image_size_filter"} <= stages
+    reasons = {d["id"]: d["reason"] for d in res.dropped}
+    assert reasons["bad_empty.jpg"] == "empty file (0 bytes)"
+    assert "not an image" in reasons["bad_not_image.png"]
+    assert "truncated" in reasons["bad_truncated.jpg"]
+    assert "same pixels as" in reasons["odd_duplicate.jpg"]
+    assert "smaller than 48x48" in reasons["odd_too_small.png"]
+    assert "aspect ratio" in reasons["odd_too_wide.png"]
+    assert "file size" in reasons["odd_blank.jpg"]
+    assert res.n_out == res.n_in - len(res.dropped)
+    assert [c[0] for c in res.counts][-3:] == ["image_shape_filter", "image_aspect_ratio_filter",
+                                               "image_size_filter"]
+
+
+def test_training_folder_layout(synthetic_build):
+    train = synthetic_build.train_dir
+    rows = list(csv.DictReader((train / "metadata.csv").open(encoding="utf-8")))
+    assert list(rows[0]) == ["file_name", "text"]
+    assert len(rows) == synthetic_build.n_out == len(list(train.glob("*.jpg")))
+    for r in rows:
+        with Image.open(train / r["file_name"]) as im:
+            assert im.mode == "RGB" and im.format == "JPEG"
+        assert r["text"].startswith("几何风，")
+    # one caption per image, not one word for all
+    assert len({r["text"] for r in rows}) > len(rows) // 2
+    for name in ("recipe.yaml", "report/report.json", "report/sizes.png", "report/preview.png",
+                 "dataset.json"):
+        assert (synthetic_build.folder / name).exists(), name
+
+
+def test_caption_cases(synthetic_build):
+    kept = {k["id"]: k for k in synthetic_build.report["kept"]}
+    assert "caption from template" in kept["odd_no_caption.jpg"]["notes"]
+    assert "构图" in kept["odd_no_caption.jpg"]["caption"]
+    assert any("not UTF-8" in n for n in kept["odd_gbk_caption.jpg"]["notes"])
+    assert any("empty" in n for n in kept["odd_empty_caption.jpg"]["notes"])
+
+
+def test_recipe_yaml_is_safe_and_accepted_by_dj_process(synthetic_build, tmp_path):
+    cfg = yaml.safe_load((synthetic_build.folder / "recipe.yaml").read_text(encoding="utf-8"))
+    assert cfg["skip_op_error"] is False and cfg["dataset_path"] == "dj_input.jsonl"
+    assert [next(iter(op)) for op in cfg["process"]] == ["image_shape_filter",
+                                                         "image_aspect_ratio_filter", "image_size_filter"]
+    dj = Path(sys.executable).parent / "dj-process"
+    proc = subprocess.run([str(dj), "--config", "recipe.yaml", "--export_path", str(tmp_path / "k.jsonl"),
+                           "--work_dir", str(tmp_path / "w")], cwd=synthetic_build.folder,
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kept = (tmp_path / "k.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(kept) == synthetic_build.n_out
+
+
+def test_rebuild_gives_same_result_and_keeps_source(tmp_path):
+    src = data_sources.make_synthetic_source(tmp_path / "src", n=8)
+    before = _tree_hash(src)
+    out = tmp_path / "out"
+    a = build_training_set(str(src), out, recipe=SMALL)
+    meta_a = (out / "train" / "metadata.csv").read_bytes()
+    files_a = sorted(p.name for p in (out / "train").iterdir())
+    b = build_training_set(str(src), out, recipe=SMALL)
+    assert (out / "train" / "metadata.csv").read_bytes() == meta_a
+    assert sorted(p.name for p in (out / "train").iterdir()) == files_a
+    assert a.n_out == b.n_out
+    assert _tree_hash(src) == before, "the source folder must never change"
+    assert not list(tmp_path.glob(".out.*")), "no temporary folders left behind"
+
+
+def test_empty_result_is_an_error_and_keeps_the_old_set(tmp_path):
+    src = data_sources.make_synthetic_source(tmp_path / "src", n=8)
+    out = tmp_path / "out"
+    build_training_set(str(src), out, recipe=SMALL)
+    meta = (out / "train" / "metadata.csv").read_bytes()
+    with pytest.raises(DatasetError) as err:
+        build_training_set(str(src), out, recipe=Recipe(min_width=4096, min_height=4096))
+    msg = str(err.value)
+    assert "No image is left" in msg and "image_shape_filter" in msg and "Loosen" in msg
+    assert (out / "train" / "metadata.csv").read_bytes() == meta
+
+
+def test_out_folder_not_made_by_kit_is_refused(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep")
+    with pytest.raises(DatasetError, match="not made by this kit"):
+        build_training_set("synthetic", tmp_path / "mine", recipe=SMALL)
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"
+
+
+def test_data_juicer_error_is_not_silent(tmp_path, monkeypatch):
+    real = data_filter.write_dj_input
+
+    def with_missing_file(items, path, base):
+        real(items, path, base)
+        with path.open("a", encoding="utf-8") as f:
+            f.write('{"id": "ghost", "images": ["staging/does_not_exist.jpg"], "text": "x"}\n')
+
+    monkeypatch.setattr(data_filter, "write_dj_input", with_missing_file)
+    src = data_sources.make_synthetic_source(tmp_path / "src", n=6)
+    with pytest.raises(DatasetError, match="data-juicer"):
+        build_training_set(str(src), tmp_path / "out", recipe=SMALL)
+    assert not (tmp_path / "out").exists()
+
+
+def test_vanished_samples_are_detected(tmp_path, monkeypatch):
+    real = data_filter.run_recipe
+
+    def lying(folder, recipe, n, verbose=False):
+        return real(folder, recipe, n + 1, verbose)     # one more went in than came out
+
+    monkeypatch.setattr(dataset.data_filter, "run_recipe", lying)
+    src = data_sources.make_synthetic_source(tmp_path / "src", n=6)
+    with pytest.raises(DatasetError, match="vanished"):
+        build_training_set(str(src), tmp_path / "out", recipe=SMALL)
+
+
+# --- single-image cases ------------------------------------------------------------
+def test_truncated_detected_even_after_data_juicer_import(tmp_path):
+    import data_juicer  # noqa: F401  (it sets ImageFile.LOAD_TRUNCATED_IMAGES = True)
+    p = _img(tmp_path / "a.jpg", quality=95)
+    p.write_bytes(p.read_bytes()[:300])
+    with pytest.raises(ValueError, match="truncated"):
+        data_clean.decode(p)
+
+
+def test_modes_are_converted_to_rgb(tmp_path):
+    cases = {"rgba.png": "RGBA", "pal.png": "P", "grey.png": "L", "cmyk.jpg": "CMYK"}
+    for name, mode in cases.items():
+        img, _ = data_clean.decode(_img(tmp_path / name, mode=mode))
+        rgb, notes = data_clean.to_rgb(img)
+        assert rgb.mode == "RGB" and notes, name
+
+
+def test_transparency_goes_on_white(tmp_path):
+    im = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgb, notes = data_clean.to_rgb(im)
+    assert rgb.getpixel((0, 0)) == (255, 255, 255)
+    assert "transparency flattened on white" in notes
+
+
+def test_16_bit_is_scaled_not_clipped():
+    arr = np.full((8, 8), 32768, dtype="<u2")
+    rgb, notes = data_clean.to_rgb(Image.fromarray(arr))
+    assert 120 <= rgb.getpixel((0, 0))[0] <= 135
+    assert any("8 bits" in n for n in notes)
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    p = _img(tmp_path / "r.jpg", size=(40, 80), exif=exif)
+    img, notes = data_clean.decode(p)
+    assert img.size == (80, 40) and notes == ["EXIF rotation applied"]
+
+
+def test_decompression_bomb_is_dropped(tmp_path, monkeypatch):
+    p = _img(tmp_path / "big.png", size=(100, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match="decompression-bomb"):
+        data_clean.decode(p)
+
+
+def test_zero_byte_and_non_image(tmp_path):
+    (tmp_path / "z.jpg").write_bytes(b"")
+    (tmp_path / "t.png").write_text("hello")
+    with pytest.raises(ValueError, match="0 bytes"):
+        data_clean.decode(tmp_path / "z.jpg")
+    with pytest.raises(ValueError, match="not an image"):
+        data_clean.decode(tmp_path / "t.png")
+
+
+def test_metadata_paths_outside_the_folder_are_refused(tmp_path):
+    src = tmp_path / "src"
+    _img(src / "ok.jpg", quality=95)
+    _img(tmp_path / "outside.jpg", quality=95)
+    (src / "metadata.csv").write_text("file_name,text\nok.jpg,好\n../outside.jpg,坏\n/etc/passwd,坏\n",
+                                      encoding="utf-8")
+    items = data_sources.read_folder(src)
+    refused = [it for it in items if it.path is None]
+    assert sorted(it.id for it in refused) == ["../outside.jpg", "/etc/passwd"]
+    res = build_training_set(str(src), tmp_path / "out", recipe=Recipe(min_width=8, min_height=8))
+    assert res.n_out == 1
+    assert {d["id"] for d in res.dropped} == {"../outside.jpg", "/etc/passwd"}
+    assert all("outside the dataset folder" in d["reason"] for d in res.dropped)
+
+
+def test_metadata_jsonl_and_missing_captions_policy(tmp_path):
+    src = tmp_path / "src"
+    _img(src / "a.jpg", quality=95)
+    _img(src / "b.jpg", colour=(20, 200, 20), quality=95)
+    (src / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "一只猫"}\n'
+                                        '{"file_name": "b.jpg", "text": ""}\n', encoding="utf-8")
+    r = Recipe(min_width=8, min_height=8)
+    res = build_training_set(str(src), tmp_path / "o1", recipe=r, captions=Captions(fallback=None))
+    assert res.n_out == 1 and res.dropped[0]["stage"] == "caption"
+    res = build_training_set(str(src), tmp_path / "o2", recipe=r,
+                             captions=Captions(mode="template", trigger="T", template="{trigger}，第{index}张"))
+    texts = [t for _, t in dataset.read_training_set(tmp_path / "o2")]
+    assert texts == ["T，第0张", "T，第1张"]
+
+
+def test_bad_recipe_and_source_values(tmp_path):
+    with pytest.raises(ValueError, match="min_ratio"):
+        Recipe(min_ratio=3, max_ratio=2).validate()
+    with pytest.raises(ValueError, match="positive"):
+        Recipe(min_width=0).validate()
+    with pytest.raises(ValueError, match="aesthetics_model"):
+        Recipe(aesthetics_model=str(tmp_path / "nope")).validate()
+    with pytest.raises(DatasetError, match="neither a folder"):
+        build_training_set("no_such_folder", tmp_path / "o")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images found"):
+        build_training_set(str(tmp_path / "empty"), tmp_path / "o")
+
+
+def test_modelscope_offline_is_a_clear_fast_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(data_sources.SourceError, match="local folder"):
+        data_sources.download_modelscope("AI-ModelScope/lowres_anime", tmp_path / "d")
+
+
+def test_caption_editor_saves_atomically(synthetic_build, tmp_path):
+    import shutil
+    from kolors_course.widgets import caption_editor
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_build.folder, copy)
+    ui = caption_editor(copy)
+    ui.kit_edits["00000.jpg"] = "新的标注"
+    ui.kit_save()
+    rows = dataset.read_training_set(copy)
+    assert rows[0][1] == "新的标注" and len(rows) == synthetic_build.n_out
+    with pytest.raises(DatasetError, match="empty"):
+        dataset.save_captions(copy, {"00001.jpg": "  "})
+    assert dataset.read_training_set(copy)[0][1] == "新的标注"
