@@ -85,7 +85,65 @@ def bench_course() -> dict:
             "per_notebook_s": {r["notebook"]: r["seconds"] for r in summary["results"]}}
 
 
-BENCHES = {"generate": bench_generate, "course": bench_course}
+def _plain_pillow_filter(folder: Path, min_side: int, min_ratio=0.5, max_ratio=2.0, min_bytes=1024):
+    """The plain loop: decode every image and apply the same three filters."""
+    from PIL import Image
+
+    kept = 0
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in {".jpg", ".png", ".gif"}:
+            continue
+        try:
+            with Image.open(p) as im:
+                im.load()
+                w, h = im.size
+        except Exception:
+            continue
+        if w >= min_side and h >= min_side and min_ratio <= w / h <= max_ratio \
+                and p.stat().st_size >= min_bytes:
+            kept += 1
+    return kept
+
+
+def bench_dataset(n: int = 2000, sizes=(64, 512)) -> dict:
+    """The kit's dataset build (checks + data-juicer) vs a plain Pillow filter loop."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import data_juicer.core  # noqa: F401  imported once, as in a notebook kernel
+    from kolors_course.data_filter import Recipe
+    from kolors_course.data_sources import make_synthetic_source
+    from kolors_course.dataset import build_training_set
+
+    out = {"name": f"dataset build of {n} synthetic images: kit (checks + data-juicer) vs plain Pillow loop",
+           "target": "throughput ratio >= 0.5"}
+    for base in sizes:
+        src = ROOT / "runs" / "bench-data" / f"src-{n}-{base}"
+        if not (src / "odd_blank.jpg").exists():
+            make_synthetic_source(src, n=n, base=base)
+        recipe = Recipe(min_width=base * 3 // 4, min_height=base * 3 // 4, min_size="1KB")
+        kit_t, plain_t = [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            res = build_training_set(str(src), ROOT / "runs" / "bench-data" / f"out-{base}", recipe=recipe)
+            kit_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            _plain_pillow_filter(src, base * 3 // 4)
+            plain_t.append(time.perf_counter() - t0)
+        k, p = statistics.median(kit_t), statistics.median(plain_t)
+        out[f"{base}px_kit_s"] = k
+        out[f"{base}px_plain_s"] = p
+        out[f"{base}px_kit_images_per_s"] = (n + 10) / k
+        out[f"{base}px_plain_images_per_s"] = (n + 10) / p
+        out[f"{base}px_ratio"] = p / k
+        out[f"{base}px_kept"] = res.n_out
+    code = ("import os; os.environ['HF_HUB_OFFLINE']='1'; from kolors_course.dataset import build_training_set;"
+            "from kolors_course.data_filter import Recipe;"
+            f"build_training_set({str(ROOT / 'runs' / 'bench-data' / f'src-{n}-64')!r}, "
+            f"{str(ROOT / 'runs' / 'bench-data' / 'out-mem')!r}, recipe=Recipe(min_width=48, min_height=48))")
+    out["64px_kit_peak_mb"] = _child_peak_mb(code)
+    return out
+
+
+BENCHES = {"generate": bench_generate, "dataset": bench_dataset, "course": bench_course}
 
 
 def main(argv: list[str]) -> int:

@@ -53,6 +53,14 @@ class Recipe:
                              "download the predictor first, or set it to None")
 
     def ops(self) -> list[dict]:
+        ops = self._ops()
+        # data-juicer picks 2+ worker processes per op by itself; for a few
+        # thousand images the pool costs more than the work (measured: bench/)
+        for op in ops:
+            next(iter(op.values()))["num_proc"] = self.np
+        return ops
+
+    def _ops(self) -> list[dict]:
         ops = []
         if self.min_width is not None or self.min_height is not None:
             ops.append({"image_shape_filter": {"min_width": self.min_width or 1,

@@ -133,12 +133,9 @@ def build_training_set(source: str, out: str | os.PathLike, recipe: Recipe | Non
         kept, dropped = data_clean.normalise(items, staging, progress=progress)
         counts = [("reading and checking", len(kept))]
         # captions
-        from PIL import Image
         captioned = []
         for i, it in enumerate(kept):
-            with Image.open(it.file) as im:
-                facts = data_clean.image_facts(im)
-            text = captions.make(it, facts, i)
+            text = captions.make(it, it.facts or {}, i)
             if text is None:
                 dropped.append(data_clean.Dropped(it.id, it.source, "caption",
                                                   "no caption, and no fallback template"))

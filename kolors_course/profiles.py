@@ -43,10 +43,10 @@ class Profile:
     min_file_size: str | None = "1KB"     # data-juicer image_size_filter minimum
     # -- training --------------------------------------------------------------
     train_resolution: int = 64
-    train_steps: int = 30
+    train_steps: int = 60
     lora_rank: int = 4
     lora_alpha: float = 4.0
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-3
     batch_size: int = 2
     gradient_checkpointing: bool = False
     precision: str = "fp32"

@@ -54,7 +54,7 @@ def test_synthetic_build_drops_something_at_every_stage(synthetic_build):
     assert reasons["bad_empty.jpg"] == "empty file (0 bytes)"
     assert "not an image" in reasons["bad_not_image.png"]
     assert "truncated" in reasons["bad_truncated.jpg"]
-    assert "same pixels as" in reasons["odd_duplicate.jpg"]
+    assert "same file content as" in reasons["odd_duplicate.jpg"]
     assert "smaller than 48x48" in reasons["odd_too_small.png"]
     assert "aspect ratio" in reasons["odd_too_wide.png"]
     assert "file size" in reasons["odd_blank.jpg"]

@@ -1,0 +1,201 @@
+"""LoRA files: export in two layouts, and fuse into a pipeline at the trained scale.
+
+Layouts written by ``export_lora``:
+
+``<name>.safetensors``
+    peft names on DiffSynth's UNet (``blocks.7.transformer_blocks.0.attn1.to_q.lora_A.weight``),
+    the layout DiffSynth's ``ModelManager.load_lora`` reads.
+``<name>_kohya.safetensors``
+    the kohya/SDXL layout that ComfyUI (``LoraLoaderModelOnly``) and diffusers read:
+    ``lora_unet_<diffusers module, dots as underscores>.lora_down.weight`` / ``.lora_up.weight``
+    and ``.alpha``.
+
+Both carry the rank, alpha, base model, trigger words and training settings in
+their safetensors metadata.  DiffSynth's ``load_lora(path, lora_alpha=x)`` adds
+``x * B @ A`` with ``x`` exactly as given, so ``fuse_lora`` passes
+``x = scale * alpha / rank``: the training scale travels with the file and
+``scale=1`` reproduces what training saw.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+FORMAT = "kolors-course-lora-v1"
+
+
+class LoRAFileError(RuntimeError):
+    """A LoRA file that cannot be used as asked."""
+
+
+# --- names ---------------------------------------------------------------------
+def diffusers_module_map(unet_config_path: str | os.PathLike) -> dict[str, str]:
+    """DiffSynth module name -> diffusers module name, for the UNet described by a config.json.
+
+    Built by running DiffSynth's own diffusers converter over a meta-device
+    diffusers UNet, so it holds for the tiny and the real Kolors UNet alike.
+    """
+    return dict(_module_map(str(Path(unet_config_path).resolve())))
+
+
+@lru_cache(maxsize=4)
+def _module_map(config_path: str) -> tuple:
+    from diffusers import UNet2DConditionModel
+    from diffsynth.models.sdxl_unet import SDXLUNetStateDictConverter
+
+    cfg = json.loads(Path(config_path).read_text())
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(cfg)
+    sd = model.state_dict()
+    by_id = {id(v): k for k, v in sd.items()}
+    converted = SDXLUNetStateDictConverter().from_diffusers(sd)
+    if isinstance(converted, tuple):
+        converted = converted[0]
+    pairs = []
+    for new, t in converted.items():
+        old = by_id.get(id(t))
+        if old is not None and new.endswith(".weight") and old.endswith(".weight"):
+            pairs.append((new[: -len(".weight")], old[: -len(".weight")]))
+    return tuple(pairs)
+
+
+def kohya_name(diffusers_module: str) -> str:
+    return "lora_unet_" + diffusers_module.replace(".", "_")
+
+
+# --- export ---------------------------------------------------------------------
+def lora_pairs_from_peft(state: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (A, B)} from a peft state dict (with or without the adapter name)."""
+    pairs: dict[str, list] = {}
+    for key, t in state.items():
+        for part, idx in ((".lora_A.", 0), (".lora_B.", 1)):
+            if part in key:
+                module = key.split(part)[0]
+                pairs.setdefault(module, [None, None])[idx] = t
+    bad = [m for m, (a, b) in pairs.items() if a is None or b is None]
+    if bad:
+        raise LoRAFileError(f"incomplete LoRA pairs for {bad[:3]}")
+    return {m: (a, b) for m, (a, b) in pairs.items()}
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()},
+              str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def export_lora(pairs: dict, rank: int, alpha: float, out_dir: str | os.PathLike, name: str,
+                unet_config_path: str | os.PathLike, base_model: str = "Kwai-Kolors/Kolors",
+                trigger_words: list[str] | None = None, training: dict | None = None) -> dict[str, Path]:
+    """Write both layouts; returns {"diffsynth": path, "kohya": path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "kolors_course.format": FORMAT, "lora_rank": str(rank),
+            "lora_alpha": str(float(alpha)), "lora_scale": str(float(alpha) / rank),
+            "base_model": base_model, "trigger_words": json.dumps(trigger_words or [], ensure_ascii=False),
+            "training": json.dumps(training or {}, ensure_ascii=False),
+            "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha)),
+            "ss_network_module": "networks.lora", "ss_base_model_version": "kolors"}
+    peft = {}
+    for module, (a, b) in pairs.items():
+        peft[f"{module}.lora_A.weight"] = a
+        peft[f"{module}.lora_B.weight"] = b
+    mapping = diffusers_module_map(unet_config_path)
+    kohya = {}
+    for module, (a, b) in pairs.items():
+        if module not in mapping:
+            raise LoRAFileError(f"no diffusers name for UNet module {module}")
+        k = kohya_name(mapping[module])
+        kohya[f"{k}.lora_down.weight"] = a
+        kohya[f"{k}.lora_up.weight"] = b
+        kohya[f"{k}.alpha"] = torch.tensor(float(alpha))
+    paths = {"diffsynth": out_dir / f"{name}.safetensors", "kohya": out_dir / f"{name}_kohya.safetensors"}
+    _atomic_save(peft, paths["diffsynth"], dict(meta, layout="diffsynth-peft"))
+    _atomic_save(kohya, paths["kohya"], dict(meta, layout="kohya"))
+    return paths
+
+
+# --- reading ---------------------------------------------------------------------
+def read_lora(path: str | os.PathLike, unet_config_path: str | os.PathLike | None = None):
+    """Read either layout as ``({diffsynth module: (A, B, scale)}, metadata)``.
+
+    ``scale`` is alpha / rank for that module: from ``.alpha`` keys (kohya), the
+    file's ``lora_alpha`` metadata (kit files), or 1.0 with a warning.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoRAFileError(f"LoRA file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise LoRAFileError(f"{path.name}: only .safetensors LoRA files are loaded (a pickled .ckpt "
+                            "can run code when opened; convert it first)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise LoRAFileError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+    out = {}
+    if any(k.startswith("lora_unet_") for k in state):
+        if unet_config_path is None:
+            raise LoRAFileError("a kohya-layout file needs the UNet config to map its names")
+        inverse = {kohya_name(d): ds for ds, d in diffusers_module_map(unet_config_path).items()}
+        for key in state:
+            if not key.endswith(".lora_down.weight"):
+                continue
+            base = key[: -len(".lora_down.weight")]
+            if base not in inverse:
+                raise LoRAFileError(f"{path.name}: {base} names no module of this UNet")
+            a, b = state[key], state[f"{base}.lora_up.weight"]
+            alpha = float(state[f"{base}.alpha"]) if f"{base}.alpha" in state else float(a.shape[0])
+            out[inverse[base]] = (a, b, alpha / a.shape[0])
+    else:
+        pairs = lora_pairs_from_peft(state)
+        if not pairs:
+            raise LoRAFileError(f"{path.name} holds no LoRA weights (lora_A/lora_B or lora_down/lora_up)")
+        alpha = meta.get("lora_alpha")
+        if alpha is None:
+            import warnings
+
+            warnings.warn(f"{path.name} does not say its alpha; assuming alpha = rank (scale 1.0)")
+        for module, (a, b) in pairs.items():
+            scale = float(alpha) / a.shape[0] if alpha is not None else 1.0
+            out[module] = (a, b, scale)
+    return out, meta
+
+
+def fuse_lora(mm, path: str | os.PathLike, scale: float = 1.0) -> int:
+    """Fuse a LoRA file into the UNet held by a DiffSynth ``ModelManager``.
+
+    ``scale`` multiplies the trained strength (1.0 = as trained).  Returns the
+    number of weight matrices changed; raises if DiffSynth did not apply it.
+    """
+    if not isinstance(scale, (int, float)) or scale < 0:
+        raise ValueError(f"lora scale {scale!r}: use a number >= 0 (1.0 = as trained)")
+    unet_path = Path(mm.model_path[mm.model_name.index("sdxl_unet")])
+    modules, _ = read_lora(path, unet_path.with_name("config.json"))
+    if scale == 0:
+        return 0
+    # DiffSynth applies one alpha to every module: fold each module's own scale into B
+    state = {}
+    for module, (a, b, s) in modules.items():
+        state[f"{module}.lora_A.weight"] = a.float()
+        state[f"{module}.lora_B.weight"] = b.float() * s
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        mm.load_lora(str(path), state_dict=state, lora_alpha=float(scale))
+    text = buf.getvalue()
+    if "Cannot load LoRA" in text or f"{len(modules)} tensors are updated" not in text:
+        raise LoRAFileError(f"DiffSynth did not apply {Path(path).name} to this UNet "
+                            f"(its modules do not match this model): {text.strip()[-300:]}")
+    return len(modules)
