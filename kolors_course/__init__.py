@@ -22,6 +22,8 @@ _EXPORTS = {
     "build_training_set": "dataset", "read_training_set": "dataset", "Captions": "dataset",
     "Recipe": "data_filter", "make_synthetic_source": "data_sources",
     "preview_training_set": "data_report",
+    "TrainConfig": "lora_train", "train_lora": "lora_train", "lora_demo": "lora_train",
+    "read_lora": "lora_files", "fuse_lora": "lora_files",
     "environment_report": "envinfo", "print_environment_report": "envinfo",
     "needs_restart": "envinfo", "restart_kernel": "envinfo",
     "progress": "bars", "is_headless": "bars",

@@ -8,10 +8,15 @@ from pathlib import Path
 from .paths import project_path, relative_to_root
 
 
+_STARTED: dict[str, float] = {}
+
+
 def step_dir(out_dir: str, step: str) -> Path:
-    """``<out_dir>/<step>/``, created; ``out_dir`` is relative to the project root."""
+    """``<out_dir>/<step>/``, created; ``out_dir`` is relative to the project root.
+    Also starts the clock that the step's summary reports."""
     d = project_path(out_dir) / step
     d.mkdir(parents=True, exist_ok=True)
+    _STARTED.setdefault(step, time.perf_counter())
     return d
 
 
@@ -19,7 +24,8 @@ class StepSummary:
     """Collects what a notebook made and prints it as a short summary at the end."""
 
     def __init__(self, step: str, folder: Path):
-        self.step, self.folder, self.t0 = step, Path(folder), time.perf_counter()
+        self.step, self.folder = step, Path(folder)
+        self.t0 = _STARTED.pop(step, time.perf_counter())
         self.items: list[tuple[str, str]] = []
 
     def add(self, what: str, value) -> None:

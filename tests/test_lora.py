@@ -1,0 +1,234 @@
+"""LoRA training on the tiny profile: learning, exact resume, export layouts, bad input."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kolors_course import lora_files, models
+from kolors_course.data_filter import Recipe
+from kolors_course.dataset import DatasetError, build_training_set
+from kolors_course.lora_train import (TrainConfig, TrainingError, lora_demo, lora_parameter_counts,
+                                      preflight, train_lora)
+from kolors_course.text2image import generate
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "ds"
+    build_training_set("synthetic", out, recipe=Recipe(min_width=48, min_height=48), limit=8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, dataset_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "r"
+    cfg = TrainConfig.for_profile(tiny, max_steps=40, learning_rate=1e-2, rank=4, alpha=8.0,
+                                  validate_every=20, trigger_words=["几何风"])
+    return train_lora(tiny, dataset_dir, run, cfg)
+
+
+def test_loss_on_fixed_set_falls(trained):
+    assert trained.fixed_loss_after < 0.9 * trained.fixed_loss_before, trained.summary()
+    assert len(trained.losses) == 40 and all(np.isfinite(trained.losses))
+
+
+def test_run_folder_contents(trained):
+    run = trained.run_dir
+    for name in ("lora.safetensors", "lora_kohya.safetensors", "loss.csv", "loss.png", "summary.json",
+                 "train_config.json"):
+        assert (run / name).exists(), name
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000020.png", "step-000040.png"]
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(ckpts) == 2 and ckpts[-1] == "step-000040"      # keep_last=2
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_metadata_travels_with_both_files(trained):
+    from safetensors import safe_open
+    for key in ("lora", "lora_kohya"):
+        with safe_open(str(trained.files[key]), "pt") as f:
+            meta = f.metadata()
+        assert meta["lora_rank"] == "4" and float(meta["lora_alpha"]) == 8.0
+        assert float(meta["lora_scale"]) == 2.0
+        assert "几何风" in meta["trigger_words"] and "learning_rate" in meta["training"]
+
+
+def test_resumed_run_matches_uninterrupted(tiny, dataset_dir, tmp_path):
+    cfg = TrainConfig.for_profile(tiny, max_steps=12, checkpoint_every=4, validate_every=None,
+                                  learning_rate=5e-3)
+    full = train_lora(tiny, dataset_dir, tmp_path / "full", cfg)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step, loss):
+        if step == 7:
+            raise Stop()
+    with pytest.raises(Stop):
+        train_lora(tiny, dataset_dir, tmp_path / "cut", cfg, callback=interrupt)
+    assert not (tmp_path / "cut" / "lora.safetensors").exists()
+    resumed = train_lora(tiny, dataset_dir, tmp_path / "cut", cfg, resume=True)
+    assert resumed.resumed_from == 4 and resumed.steps == 12
+    a = load_file(str(full.files["lora"]))
+    b = load_file(str(resumed.files["lora"]))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert full.losses == pytest.approx(resumed.losses, rel=1e-5)
+
+
+def _image(pipe, seed=3):
+    return np.asarray(generate(pipe, "一个红色的圆形，蓝色背景", seed=seed), dtype=np.int16)
+
+
+def test_both_layouts_load_back_and_change_the_output(tiny, trained):
+    base = _image(models.load_pipeline(tiny))
+    with_peft = _image(models.load_pipeline(tiny, lora=trained.files["lora"]))
+    with_kohya = _image(models.load_pipeline(tiny, lora=trained.files["lora_kohya"]))
+    off = _image(models.load_pipeline(tiny, lora=trained.files["lora"], lora_scale=0.0))
+    assert np.abs(with_peft - base).mean() > 1.0
+    assert np.abs(with_kohya - with_peft).max() <= 1     # same fused weights, up to rounding
+    assert np.array_equal(off, base)
+
+
+def test_fused_weights_equal_the_trained_peft_layers(tiny, trained):
+    """load_lora must add (alpha / rank) * B @ A, the scale training used."""
+    state = load_file(str(trained.files["lora"]))
+    key = next(k for k in state if k.endswith(".lora_A.weight"))
+    module = key[: -len(".lora_A.weight")]
+    a, b = state[key], state[f"{module}.lora_B.weight"]
+    base = dict(models.load_pipeline(tiny).unet.named_parameters())[f"{module}.weight"].detach()
+    fused = dict(models.load_pipeline(tiny, lora=trained.files["lora"]).unet.named_parameters())[f"{module}.weight"]
+    torch.testing.assert_close(fused.detach(), base + (8.0 / 4) * b @ a, rtol=1e-5, atol=1e-6)
+
+
+def test_kohya_file_read_by_diffusers(tiny, trained):
+    """Loading code nobody here wrote: diffusers' kohya reader, and its UNet's module names."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    kohya = load_file(str(trained.files["lora_kohya"]))
+    converted, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(kohya))
+    assert converted, "diffusers found no LoRA weights"
+    cfg = models.model_files(tiny).unet.with_name("config.json")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(cfg.parent)))
+    modules = dict(unet.named_modules())
+    n_pairs = 0
+    for k in converted:
+        assert k.startswith("unet."), k
+        mod = k[len("unet."):]
+        if ".processor." in mod:        # diffusers' attention-processor naming
+            mod = mod.split("_lora")[0].replace(".processor.", ".").replace("to_out", "to_out.0")
+        else:
+            mod = mod.split(".lora")[0]
+        assert mod in modules and isinstance(modules[mod], torch.nn.Linear), k
+        n_pairs += ".lora_A." in k or "lora.down" in k or "_lora.down" in k
+    assert n_pairs == len([k for k in kohya if k.endswith(".lora_down.weight")])
+
+
+def test_kohya_file_read_by_diffsynth_civitai_converter(tiny, trained, monkeypatch):
+    """DiffSynth's own kohya/civitai renaming (it moves tensors to CUDA: redirected to CPU here)."""
+    from diffsynth.models.lora import SDXLLoRAFromCivitai
+    real_to = torch.Tensor.to
+
+    def cpu_to(self, *args, **kwargs):
+        if kwargs.get("device") == "cuda":
+            kwargs["device"] = "cpu"
+        if kwargs.get("dtype") == torch.float16:
+            kwargs["dtype"] = torch.float32
+        return real_to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", cpu_to)
+    kohya = load_file(str(trained.files["lora_kohya"]))
+    conv = SDXLLoRAFromCivitai()
+    deltas = conv.convert_state_dict(kohya, lora_prefix="lora_unet_", alpha=1.0)
+    unet = models.load_pipeline(tiny).unet
+    renamed = unet.__class__.state_dict_converter().from_diffusers(deltas)
+    renamed = renamed[0] if isinstance(renamed, tuple) else renamed
+    params = dict(unet.named_parameters())
+    assert renamed and all(k in params for k in renamed)
+    peft = load_file(str(trained.files["lora"]))
+    for name, delta in renamed.items():
+        module = name[: -len(".weight")]
+        expect = peft[f"{module}.lora_B.weight"] @ peft[f"{module}.lora_A.weight"]
+        torch.testing.assert_close(delta, expect, rtol=1e-4, atol=1e-6)
+
+
+def test_kohya_names_follow_comfyui_convention(trained):
+    kohya = load_file(str(trained.files["lora_kohya"]))
+    bases = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in kohya}
+    for b in bases:
+        assert b.startswith("lora_unet_") and "." not in b
+        for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+            assert b + suffix in kohya
+    assert any("_attn1_to_out_0" in b for b in bases)
+
+
+def test_bad_settings_are_refused_with_advice(tiny, dataset_dir, tmp_path):
+    with pytest.raises(TrainingError) as err:
+        train_lora(tiny, dataset_dir, tmp_path / "x",
+                   TrainConfig.for_profile(tiny, rank=0, alpha=-1.0, resolution=100))
+    msg = str(err.value)
+    assert "rank=0" in msg and "alpha=-1.0" in msg and "multiple of 64" in msg
+    with pytest.raises(TypeError, match="unknown training setting"):
+        TrainConfig.for_profile(tiny, rnak=4)
+    with pytest.raises(DatasetError, match="build the training set"):
+        train_lora(tiny, tmp_path / "nothing_here", tmp_path / "x")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "train" / "metadata.csv").write_text("file_name,text\n")
+    with pytest.raises(DatasetError, match="empty"):
+        train_lora(tiny, tmp_path / "empty", tmp_path / "x")
+
+
+def test_divergence_stops_and_keeps_the_good_lora(tiny, dataset_dir, trained, tmp_path):
+    run = tmp_path / "keep"
+    shutil.copytree(trained.run_dir, run)
+    shutil.rmtree(run / "checkpoints")
+    before = (run / "lora.safetensors").read_bytes()
+    cfg = TrainConfig.for_profile(tiny, max_steps=30, learning_rate=1e30, max_grad_norm=0.0,
+                                  validate_every=None)
+    with pytest.raises(TrainingError, match="diverged"):
+        train_lora(tiny, dataset_dir, run, cfg, overwrite=True)
+    assert (run / "lora.safetensors").read_bytes() == before
+
+
+def test_finished_run_and_checkpoints_are_not_overwritten_silently(tiny, dataset_dir, trained):
+    with pytest.raises(TrainingError, match="already holds a finished LoRA"):
+        train_lora(tiny, dataset_dir, trained.run_dir)
+    with pytest.raises(TrainingError, match="has checkpoints"):
+        train_lora(tiny, dataset_dir, trained.run_dir, resume=False, overwrite=True)
+
+
+def test_lora_file_errors(tiny, tmp_path, trained):
+    mm = models.load_model_manager(tiny)
+    (tmp_path / "x.ckpt").write_bytes(b"pickled data is never opened")
+    with pytest.raises(lora_files.LoRAFileError, match="only .safetensors"):
+        lora_files.fuse_lora(mm, tmp_path / "x.ckpt")
+    with pytest.raises(lora_files.LoRAFileError, match="not found"):
+        lora_files.fuse_lora(mm, tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+    save_file({"blocks.999.nothing.lora_A.weight": torch.zeros(4, 8),
+               "blocks.999.nothing.lora_B.weight": torch.zeros(8, 4)}, str(tmp_path / "alien.safetensors"),
+              metadata={"lora_alpha": "4"})
+    with pytest.raises(lora_files.LoRAFileError, match="did not apply"):
+        lora_files.fuse_lora(mm, tmp_path / "alien.safetensors")
+    with pytest.raises(ValueError, match="scale"):
+        lora_files.fuse_lora(mm, trained.files["lora"], scale=-1)
+
+
+def test_teaching_helpers(tiny_pipe):
+    d = lora_demo(rank=2)
+    torch.testing.assert_close(d["W_new"] - d["W"], (4.0 / 2) * d["B"] @ d["A"])
+    assert d["rank_of_delta"] == 2 and d["lora_params"] < d["full_params"]
+    total, counts = lora_parameter_counts(tiny_pipe.unet, ranks=(1, 4))
+    assert counts[4] == 4 * counts[1] and counts[4] < total
+
+
+def test_preflight_advises_on_a_small_gpu(monkeypatch):
+    cfg = TrainConfig(gradient_checkpointing=False, batch_size=2, resolution=1024)
+    assert preflight(cfg, "cpu") == []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (8 * 2**30, 24 * 2**30))
+    advice = " ".join(preflight(cfg, "cuda"))
+    assert "gradient_checkpointing=True" in advice and "batch_size=1" in advice
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (23 * 2**30, 24 * 2**30))
+    assert preflight(TrainConfig(), "cuda") == [], "the defaults must fit a 24 GB GPU"
