@@ -143,7 +143,86 @@ def bench_dataset(n: int = 2000, sizes=(64, 512)) -> dict:
     return out
 
 
-BENCHES = {"generate": bench_generate, "dataset": bench_dataset, "course": bench_course}
+def _plain_training_seconds_per_step(prof, rows, steps: int, cfg) -> float:
+    """A plain peft + DiffSynth loop: the same model, data, optimizer and per-step work."""
+    import random
+
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from kolors_course.lora_train import load_image_tensor
+    from kolors_course.models import load_pipeline
+
+    pipe = load_pipeline(prof)
+    rng = random.Random(0)
+    data = []
+    with torch.no_grad():
+        for path, text in rows:
+            emb = pipe.encode_prompt(text, positive=True)
+            lat = pipe.vae_encoder(load_image_tensor(path, cfg.resolution, True, rng)[None])
+            data.append((lat, emb["encoder_hidden_states"], emb["add_text_embeds"]))
+    unet = pipe.unet
+    unet.requires_grad_(False)
+    torch.manual_seed(0)
+    inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules)), unet)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = pipe.scheduler
+    sched.set_timesteps(sched.num_train_timesteps, training=True)
+    gen = torch.Generator().manual_seed(0)
+    unet.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen).tolist()
+        lat = torch.cat([torch.flip(data[i][0], dims=[3]) if torch.rand((), generator=gen) < 0.5 else data[i][0]
+                         for i in idx])
+        emb = torch.cat([data[i][1] for i in idx])
+        pooled = torch.cat([data[i][2] for i in idx])
+        noise = torch.randn(lat.shape, generator=gen)
+        t = sched.timesteps[int(torch.randint(0, len(sched.timesteps), (1,), generator=gen))]
+        h, w = lat.shape[2] * 8, lat.shape[3] * 8
+        pred = unet(sched.add_noise(lat, noise, t), timestep=t, encoder_hidden_states=emb,
+                    add_text_embeds=pooled, add_time_id=torch.tensor([h, w, 0, 0, h, w]).repeat(len(idx)))
+        loss = torch.nn.functional.mse_loss(pred.float(), sched.training_target(lat, noise, t).float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss)
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_train(steps: int = 150, rounds: int = 3) -> dict:
+    import shutil
+
+    import kolors_course as kc
+    from kolors_course.data_filter import Recipe
+    from kolors_course.lora_train import TrainConfig, train_lora
+
+    prof = kc.choose_profile("tiny")
+    ds = ROOT / "runs" / "bench-data" / "train-set"
+    if not (ds / "train" / "metadata.csv").exists():
+        kc.build_training_set("synthetic", ds, recipe=Recipe(min_width=48, min_height=48), limit=16)
+    rows = kc.read_training_set(ds)
+    cfg = TrainConfig.for_profile(prof, max_steps=steps, checkpoint_every=steps, validate_every=None)
+    kit, plain = [], []
+    for i in range(rounds):
+        run = ROOT / "runs" / "bench-data" / "train-run"
+        shutil.rmtree(run, ignore_errors=True)
+        kit.append(train_lora(prof, ds, run, cfg).seconds_per_step)
+        plain.append(_plain_training_seconds_per_step(prof, rows, steps, cfg))
+    k, p = statistics.median(kit), statistics.median(plain)
+    return {"name": f"LoRA training step on the tiny profile ({steps} steps, batch {cfg.batch_size}): "
+                    "kit train_lora vs plain peft + DiffSynth loop",
+            "kit_s_per_step": k, "plain_s_per_step": p, "ratio": k / p, "target": "<= 1.02",
+            "note": "kit time includes its progress bar, loss checks and one checkpoint; "
+                    "peak memory: see train_lora's summary.json"}
+
+
+BENCHES = {"generate": bench_generate, "dataset": bench_dataset, "train": bench_train,
+           "course": bench_course}
 
 
 def main(argv: list[str]) -> int:

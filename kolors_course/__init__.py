@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "Profile": "profiles", "choose_profile": "profiles", "TINY": "profiles", "KOLORS": "profiles",
-    "project_path": "paths", "project_root": "paths",
+    "project_path": "paths", "project_root": "paths", "relative_to_root": "paths",
     "load_pipeline": "models", "ensure_weights": "models", "MissingWeightsError": "models",
     "ControlNetSpec": "models",
     "generate": "text2image", "sweep": "text2image", "PromptParts": "text2image",
@@ -24,6 +24,9 @@ _EXPORTS = {
     "preview_training_set": "data_report",
     "TrainConfig": "lora_train", "train_lora": "lora_train", "lora_demo": "lora_train",
     "read_lora": "lora_files", "fuse_lora": "lora_files",
+    "load_story": "story", "generate_story": "story", "generation_settings": "story",
+    "set_lora_scale": "lora_strength", "AestheticScorer": "scoring",
+    "story_grid": "gallery", "write_gallery": "gallery", "write_bundle": "gallery",
     "environment_report": "envinfo", "print_environment_report": "envinfo",
     "needs_restart": "envinfo", "restart_kernel": "envinfo",
     "progress": "bars", "is_headless": "bars",

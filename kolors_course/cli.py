@@ -37,6 +37,23 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from .runner import run_batch
+
+    try:
+        entries = run_batch(args.file)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    width = max(len(e["name"]) for e in entries)
+    for e in entries:
+        print(f"{e['name']:<{width}}  {e['status']:<6}  {e['detail']}")
+    failed = [e for e in entries if e["status"] != "ok"]
+    print(f"{len(entries) - len(failed)}/{len(entries)} sets ran; index page written next to the sets")
+    return 1 if failed else 0
+
+
 def cmd_env(args) -> int:
     from .envinfo import needs_restart, print_environment_report
 
@@ -73,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-output", action="store_true", help="stream notebook output to this terminal")
     r.add_argument("--cell-timeout", type=int, default=1800, help="seconds per cell before giving up")
     r.set_defaults(func=cmd_run)
+
+    b = sub.add_parser("batch", help="run the notebooks for several parameter sets (a class)")
+    b.add_argument("file", help="a YAML batch file (see README)")
+    b.set_defaults(func=cmd_batch)
 
     e = sub.add_parser("env", help="report the environment and whether a restart is needed")
     e.set_defaults(func=cmd_env)

@@ -233,13 +233,19 @@ class SampleStream:
     def __init__(self, n: int, seed: int, cursor: int = 0, shard: tuple[int, int] = (0, 1)):
         self.n, self.seed, self.cursor = n, seed, cursor
         self.rank, self.world = shard
+        self._epoch, self._perm = -1, []
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen).tolist()
+        return self._perm
 
     def next(self, k: int) -> list[int]:
         out = []
         while len(out) < k:
             epoch, pos = divmod(self.cursor, self.n)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            idx = int(perm[pos])
+            idx = self._permutation(epoch)[pos]
             if idx % self.world == self.rank:
                 out.append(idx)
             self.cursor += 1

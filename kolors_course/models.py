@@ -286,5 +286,7 @@ def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
     if pipe.text_encoder_kolors is None or pipe.unet is None:
         raise ModelLoadError("the pipeline did not pick up the Kolors text encoder and UNet")
     pipe.kit_profile = profile
+    pipe.kit_model_manager = mm
+    pipe.kit_lora_fused = str(lora) if lora is not None else None
     pipe.kit_load_seconds = time.perf_counter() - t0
     return pipe

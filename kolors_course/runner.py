@@ -148,3 +148,74 @@ def format_summary(results: list[NotebookResult]) -> str:
     ok = sum(r.status == "ok" for r in results)
     lines.append(f"{ok}/{len(results)} notebooks ran, {total:.1f} s in all")
     return "\n".join(lines)
+
+
+# --- class-wide runs ------------------------------------------------------------------
+def load_batch_file(path: str | os.PathLike) -> dict:
+    """A batch file (YAML, parsed safely)::
+
+        profile: tiny
+        out: runs/class
+        notebooks: [02, 03, 04]        # optional, default: all
+        sets:
+          - name: fox
+            parameters: {story: ink_fox, team_name: alice}
+          - name: robot-rank8
+            parameters: {story: lighthouse_robot, rank: 8}
+    """
+    import yaml
+
+    p = project_path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"batch file {p} not found")
+    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    sets = data.get("sets")
+    if not isinstance(sets, list) or not sets:
+        raise ValueError(f"{p.name}: 'sets' must be a non-empty list of {{name, parameters}}")
+    names = []
+    for i, s in enumerate(sets, 1):
+        if not isinstance(s, dict) or not str(s.get("name", "")).strip():
+            raise ValueError(f"{p.name}: set {i} needs a name")
+        name = str(s["name"])
+        if any(ch in name for ch in "/\\") or name in (".", ".."):
+            raise ValueError(f"{p.name}: set name {name!r} must be a plain folder name")
+        if name in names:
+            raise ValueError(f"{p.name}: set name {name!r} is used twice")
+        names.append(name)
+        if not isinstance(s.get("parameters", {}), dict):
+            raise ValueError(f"{p.name}: parameters of set {name!r} must be a mapping")
+    data.setdefault("profile", "tiny")
+    data.setdefault("out", "runs/class")
+    data["notebooks"] = [str(n).zfill(2) if isinstance(n, int) else str(n) for n in data.get("notebooks") or []]
+    return data
+
+
+def run_batch(path: str | os.PathLike, quiet: bool = False) -> list[dict]:
+    """Run the notebooks once per parameter set; a failed set is reported and the rest go on.
+    Writes ``<out>/index.html`` linking every set's gallery."""
+    from .gallery import write_index
+
+    batch = load_batch_file(path)
+    out = project_path(batch["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for s in batch["sets"]:
+        name = str(s["name"])
+        if not quiet:
+            print(f"== set {name} ==", flush=True)
+        try:
+            results = run_notebooks(batch["notebooks"] or None, out=out / name, profile=batch["profile"],
+                                    parameters=s.get("parameters") or {}, quiet=quiet)
+            failed = [r for r in results if r.status == "failed"]
+            gallery = out / name / "04_story" / "gallery.html"
+            entries.append({"name": name, "status": "failed" if failed else "ok",
+                            "detail": (f"{failed[0].notebook}, cell {failed[0].cell}: {failed[0].error}"
+                                       if failed else f"{sum(r.seconds for r in results):.0f} s"),
+                            "gallery": gallery if gallery.exists() else None})
+        except (ValueError, FileNotFoundError) as exc:
+            entries.append({"name": name, "status": "failed", "detail": str(exc), "gallery": None})
+    write_index(entries, out / "index.html")
+    (out / "batch.json").write_text(json.dumps([{**e, "gallery": relative_to_root(e["gallery"])
+                                                 if e["gallery"] else None} for e in entries],
+                                               indent=2, ensure_ascii=False), encoding="utf-8")
+    return entries

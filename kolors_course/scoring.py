@@ -1,0 +1,109 @@
+"""The challenge's aesthetic score: LAION aesthetic predictor v2 (sac+logos+ava1,
+linear MSE head) on a CLIP ViT-L/14 image embedding, through the
+``simple-aesthetics-predictor`` package.  An entry whose mean score is below 6
+is invalid.
+
+kolors profile: the real predictor from ModelScope (about 1.2 GB).
+tiny profile: the same classes with a tiny, deterministic, untrained
+configuration, so the code path is the same; its numbers mean nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SCORER_ID = "AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
+VALIDITY_THRESHOLD = 6.0
+
+
+class ScorerError(RuntimeError):
+    pass
+
+
+@dataclass
+class Scores:
+    per_image: list
+    mean: float
+    threshold: float
+    meaningful: bool
+
+    @property
+    def valid(self) -> bool:
+        return self.mean >= self.threshold
+
+    def report(self) -> str:
+        lines = [f"  image {i + 1}: {s:.3f}" for i, s in enumerate(self.per_image)]
+        verdict = ("meets" if self.valid else "is below") + f" the challenge's bar of {self.threshold}"
+        head = f"mean aesthetic score {self.mean:.3f}: {verdict}"
+        if not self.meaningful:
+            head += ("\n(tiny profile: an untrained stand-in scorer with the real predictor's classes; "
+                     "these numbers mean nothing about the pictures)")
+        return head + "\n" + "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"per_image": self.per_image, "mean": self.mean, "threshold": self.threshold,
+                "valid": self.valid, "meaningful": self.meaningful}
+
+
+def build_tiny_scorer(folder: Path) -> Path:
+    """A tiny AestheticsPredictorV2Linear + CLIP image processor, written once (safetensors)."""
+    marker = folder / "config.json"
+    if marker.exists():
+        return folder
+    from aesthetics_predictor import AestheticsPredictorV2Linear
+    from transformers import CLIPImageProcessor
+    from transformers.models.clip.configuration_clip import CLIPVisionConfig
+
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=16, projection_dim=32)
+    torch.manual_seed(6)
+    model = AestheticsPredictorV2Linear(cfg).eval()
+    with torch.no_grad():    # centre the untrained head near the challenge's range
+        model.layers[-1].bias.fill_(5.5)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(str(tmp))
+    os.replace(tmp, folder)
+    return folder
+
+
+def scorer_folder(profile) -> Path:
+    if profile.name == "tiny":
+        return build_tiny_scorer(profile.cache_path / "aesthetics-predictor-tiny")
+    folder = profile.cache_path / SCORER_ID
+    if not (folder / "config.json").exists():
+        from .models import _hub_reachable
+
+        why = _hub_reachable()
+        if why:
+            raise ScorerError(f"the aesthetic predictor is not in {folder} and cannot be downloaded: {why}. "
+                              f"Fetch {SCORER_ID} from ModelScope (about 1.2 GB) into that folder.")
+        from modelscope import snapshot_download
+
+        snapshot_download(SCORER_ID, local_dir=str(folder))
+    return folder
+
+
+class AestheticScorer:
+    def __init__(self, profile, device: str | None = None):
+        from aesthetics_predictor import AestheticsPredictorV2Linear
+        from transformers import CLIPImageProcessor
+
+        folder = scorer_folder(profile)
+        self.meaningful = profile.name != "tiny"
+        self.device = device or ("cuda" if profile.device == "cuda" and torch.cuda.is_available() else "cpu")
+        self.processor = CLIPImageProcessor.from_pretrained(str(folder))
+        self.model = AestheticsPredictorV2Linear.from_pretrained(str(folder)).to(self.device).eval()
+
+    @torch.no_grad()
+    def score(self, images) -> Scores:
+        if not images:
+            raise ScorerError("no images to score")
+        inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        out = self.model(pixel_values=inputs["pixel_values"].to(self.device))
+        vals = [round(float(v), 4) for v in out.logits.flatten().cpu()]
+        return Scores(vals, round(sum(vals) / len(vals), 4), VALIDITY_THRESHOLD, self.meaningful)

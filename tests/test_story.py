@@ -1,0 +1,215 @@
+"""Stories, LoRA strength, scoring, gallery, bundle and class-wide batch runs."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from kolors_course import gallery, runner, scoring, story
+from kolors_course.story import StoryError, load_story, parse_story
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _story_dict(n=8):
+    return {"title": "t", "style": "水彩", "character": "一只猫", "negative": "模糊",
+            "settings": {"cfg_scale": 4.0, "lora_scale": 0.8},
+            "scenes": [{"framing": "远景", "place": f"地点{i}", "action": f"动作{i}", "seed": i}
+                       for i in range(n)]}
+
+
+def test_bundled_stories_are_valid_and_different():
+    fox, robot = load_story("ink_fox"), load_story("lighthouse_robot")
+    assert len(fox.scenes) == len(robot.scenes) == 8
+    assert fox.style != robot.style
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in fox.prompt(0))
+    # the template: style, framing, character, place, action; character in every prompt
+    assert fox.prompt(0) == "，".join([fox.style, "远景", fox.character, "月夜下的竹林",
+                                      "小狐狸抬头望着熄灭的灯笼"])
+    assert all(fox.character in p for p in fox.prompts())
+    assert robot.prompt(0).startswith(robot.style + ", wide shot, " + robot.character)
+
+
+def test_story_validation_messages():
+    with pytest.raises(StoryError, match="the challenge asks for at least 8"):
+        parse_story(_story_dict(5))
+    bad = _story_dict()
+    bad["scenes"][2]["seed"] = -4
+    bad["scenes"][3].pop("place")
+    bad["settings"]["height"] = 100
+    bad["settings"]["colour"] = 1
+    with pytest.raises(StoryError) as err:
+        parse_story(bad)
+    msg = str(err.value)
+    assert "scene 3: seed" in msg and "scene 4 lacks place" in msg and "multiple of 64" in msg
+    assert "unknown settings ['colour']" in msg
+    dup = _story_dict()
+    dup["scenes"][1]["seed"] = 0
+    with pytest.raises(StoryError, match="used twice"):
+        parse_story(dup)
+    with pytest.raises(StoryError, match="not found"):
+        load_story("no_such_story")
+
+
+def test_story_yaml_is_parsed_safely(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("title: !!python/object/apply:os.system ['echo hacked']\n", encoding="utf-8")
+    with pytest.raises(StoryError, match="not valid YAML"):
+        load_story(p)
+
+
+def test_settings_follow_the_profile(tiny):
+    from kolors_course.profiles import KOLORS
+    s = parse_story(_story_dict())
+    t = story.generation_settings(s, tiny)
+    assert (t["height"], t["steps"], t["lora_scale"]) == (64, 2, 0.8)
+    k = story.generation_settings(load_story("ink_fox"), KOLORS)
+    assert (k["height"], k["steps"], k["cfg_scale"]) == (1024, 50, 4.0)
+
+
+def test_story_generation_is_reproducible(tiny_pipe, tiny, tmp_path):
+    s = parse_story(_story_dict())
+    settings = story.generation_settings(s, tiny)
+    a = story.generate_story(tiny_pipe, s, settings, tmp_path / "a")
+    b = story.generate_story(tiny_pipe, s, settings, tmp_path / "b")
+    assert len(a) == 8 and (tmp_path / "a" / "scene_08.png").exists()
+    for ra, rb in zip(a, b):
+        assert np.array_equal(np.asarray(ra["image"]), np.asarray(rb["image"]))
+    assert not np.array_equal(np.asarray(a[0]["image"]), np.asarray(a[1]["image"]))
+
+
+def test_lora_strength_sweep(tiny, tmp_path):
+    from kolors_course.data_filter import Recipe
+    from kolors_course.dataset import build_training_set
+    from kolors_course.lora_strength import set_lora_scale
+    from kolors_course.lora_train import TrainConfig, train_lora
+    from kolors_course.models import load_pipeline
+    from kolors_course.text2image import generate
+    ds = tmp_path / "ds"
+    build_training_set("synthetic", ds, recipe=Recipe(min_width=48, min_height=48), limit=6)
+    res = train_lora(tiny, ds, tmp_path / "run", TrainConfig.for_profile(tiny, max_steps=15, learning_rate=1e-2,
+                                                                      validate_every=None))
+    pipe = load_pipeline(tiny)
+    base = np.asarray(generate(pipe, "猫", seed=1), dtype=int)
+    imgs = {}
+    for s in (0.0, 1.0, 1.5, 0.0, 1.0):
+        set_lora_scale(pipe, res.files["lora"], s)
+        imgs.setdefault(s, []).append(np.asarray(generate(pipe, "猫", seed=1), dtype=int))
+    assert np.array_equal(imgs[0.0][0], base) and np.array_equal(imgs[0.0][1], base)
+    assert np.array_equal(imgs[1.0][0], imgs[1.0][1]), "strength changes must not accumulate"
+    fused = np.asarray(generate(load_pipeline(tiny, lora=res.files["lora"]), "猫", seed=1), dtype=int)
+    assert np.abs(imgs[1.0][0] - fused).max() <= 1
+    assert np.abs(imgs[1.5][0] - imgs[1.0][0]).mean() > 0.1
+    with pytest.raises(RuntimeError, match="already has a LoRA fused"):
+        set_lora_scale(load_pipeline(tiny, lora=res.files["lora"]), res.files["lora"], 0.5)
+
+
+def test_tiny_scorer_runs_the_real_classes(tiny, tiny_pipe):
+    from aesthetics_predictor import AestheticsPredictorV2Linear
+    from kolors_course.text2image import generate
+    scorer = scoring.AestheticScorer(tiny)
+    assert isinstance(scorer.model, AestheticsPredictorV2Linear)
+    imgs = [generate(tiny_pipe, "猫", seed=s) for s in range(3)]
+    a, b = scorer.score(imgs), scorer.score(imgs)
+    assert a.per_image == b.per_image and len(a.per_image) == 3
+    assert a.mean == pytest.approx(sum(a.per_image) / 3, abs=1e-3)
+    assert not a.meaningful and "mean nothing" in a.report()
+    assert a.valid == (a.mean >= 6.0)
+    fake = scoring.Scores([6.5, 5.0], 5.75, 6.0, True)
+    assert not fake.valid and "is below" in fake.report()
+
+
+def test_kolors_scorer_offline_is_a_clear_error(tmp_path, monkeypatch):
+    from kolors_course.profiles import choose_profile
+    monkeypatch.setenv("KOLORS_COURSE_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(scoring.ScorerError, match="aesthetics-predictor-v2"):
+        scoring.scorer_folder(choose_profile("kolors"))
+
+
+def test_team_folder_name_is_safe():
+    assert gallery.team_folder_name("Team A", "ink_fox") == "Team_A-可图Kolors训练-ink_fox"
+    assert "/" not in gallery.team_folder_name("../../etc", "x")
+    with pytest.raises(ValueError, match="team_name"):
+        gallery.team_folder_name("  ", "x")
+
+
+@pytest.fixture(scope="module")
+def course_04(tmp_path_factory):
+    """Notebook 04 run headless on the tiny profile (after 02 and 03 for a real LoRA)."""
+    out = tmp_path_factory.mktemp("c04")
+    res = runner.run_notebooks(["02", "03", "04"], out=out, profile="tiny",
+                               parameters={"team_name": "测试队"}, quiet=True)
+    assert [r.status for r in res] == ["ok"] * 3, [r.error for r in res]
+    return out / "04_story"
+
+
+def test_notebook_04_outputs_and_bundle(course_04):
+    bundle = course_04 / "测试队-可图Kolors训练-ink_fox"
+    for name in ("lora.safetensors", "lora_kohya.safetensors", "model_card.md", "prompts.json", "grid.png",
+                 "scores.json", "manifest.json", "gallery.html"):
+        assert (bundle / name).exists(), name
+    assert sorted(p.name for p in (bundle / "images").iterdir()) == [f"{i:02d}.png" for i in range(1, 9)]
+    prompts = json.loads((bundle / "prompts.json").read_text(encoding="utf-8"))
+    assert len(prompts["images"]) == 8 and all({"prompt", "seed", "negative_prompt", "cfg_scale", "steps",
+                                                 "lora_scale"} <= set(p) for p in prompts["images"])
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    import hashlib
+    for rel, digest in manifest["files_sha256"].items():
+        assert hashlib.sha256((bundle / rel).read_bytes()).hexdigest() == digest
+    assert manifest["packages"]["diffsynth"] == "1.1.9"
+    card = (bundle / "model_card.md").read_text(encoding="utf-8")
+    assert "recommended LoRA scale" in card and "rank" in card
+    assert (course_04 / "strength_sweep.png").exists() and (course_04 / "story_grid.png").exists()
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (make browser installs it)")
+def test_gallery_renders_in_headless_chromium(course_04, tmp_path):
+    page = course_04 / "gallery.html"
+    proc = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+                           "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'data-images-loaded="8"' in proc.stdout, proc.stdout[:500]
+
+
+def test_batch_of_two_sets_makes_two_galleries_and_an_index(tmp_path):
+    batch = tmp_path / "class.yaml"
+    out = tmp_path / "class"
+    batch.write_text(yaml.safe_dump({
+        "profile": "tiny", "out": str(out), "notebooks": ["04"],
+        "sets": [{"name": "fox", "parameters": {"story": "ink_fox", "team_name": "a"}},
+                 {"name": "robot", "parameters": {"story": "lighthouse_robot", "team_name": "b"}},
+                 {"name": "broken", "parameters": {"story": "no_such_story"}}]}, allow_unicode=True))
+    from kolors_course import cli
+    code = cli.main(["batch", str(batch)])
+    assert code == 1        # one set failed, and the others still ran
+    entries = json.loads((out / "batch.json").read_text(encoding="utf-8"))
+    assert [e["status"] for e in entries] == ["ok", "ok", "failed"]
+    assert "no_such_story" in entries[2]["detail"]
+    index = (out / "index.html").read_text(encoding="utf-8")
+    for name in ("fox", "robot"):
+        assert (out / name / "04_story" / "gallery.html").exists()
+        assert f"{name}/04_story/gallery.html" in index
+
+
+def test_batch_file_errors(tmp_path):
+    p = tmp_path / "b.yaml"
+    p.write_text("sets: []\n")
+    with pytest.raises(ValueError, match="non-empty"):
+        runner.load_batch_file(p)
+    p.write_text("sets: [{name: ../x}]\n")
+    with pytest.raises(ValueError, match="plain folder name"):
+        runner.load_batch_file(p)
+    p.write_text("sets: [{name: a}, {name: a}]\n")
+    with pytest.raises(ValueError, match="twice"):
+        runner.load_batch_file(p)
