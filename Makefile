@@ -9,13 +9,14 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 NAME   ?= course
 PROFILE ?= tiny
 
-.PHONY: env course test bench strip clean help
+.PHONY: env course test bench strip clean help browser
 
 help:
 	@echo "make course   run every notebook headless on the tiny profile into runs/$(NAME)/"
 	@echo "make test     run the whole test suite"
 	@echo "make bench    run the benchmarks in bench/"
 	@echo "make strip    strip outputs from the notebooks"
+	@echo "make browser  install Debian's chromium for the gallery test (root, apt)"
 
 env: $(VENV)/.installed
 
@@ -34,6 +35,13 @@ test: env
 
 bench: env
 	$(PY) bench/run.py
+
+# The gallery test opens the HTML gallery in a real headless browser; without
+# chromium it is skipped with a reason.  CI runs this before `make test`.
+browser:
+	@command -v chromium >/dev/null 2>&1 && echo "chromium: $$(command -v chromium)" || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	    && echo "chromium installed"; } || echo "chromium not installed (needs root and apt): the gallery browser test will be skipped"
 
 strip: env
 	$(VENV)/bin/nbstripout notebooks/*.ipynb

@@ -221,7 +221,35 @@ def bench_train(steps: int = 150, rounds: int = 3) -> dict:
                     "peak memory: see train_lora's summary.json"}
 
 
-BENCHES = {"generate": bench_generate, "dataset": bench_dataset, "train": bench_train,
+def bench_story(rounds: int = 7) -> dict:
+    import tempfile
+
+    import kolors_course as kc
+    from kolors_course.story import generate_story, generation_settings, load_story
+
+    prof = kc.choose_profile("tiny")
+    pipe = kc.load_pipeline(prof)
+    tale = load_story("ink_fox")
+    st = generation_settings(tale, prof)
+    tmp = Path(tempfile.mkdtemp())
+
+    def kit():
+        generate_story(pipe, tale, st, tmp / "kit")
+
+    def plain():
+        for i, scene in enumerate(tale.scenes):
+            img = pipe(prompt=tale.prompt(i), negative_prompt=tale.negative, cfg_scale=st["cfg_scale"],
+                       num_inference_steps=st["steps"], height=st["height"], width=st["width"],
+                       seed=scene.seed, progress_bar_cmd=lambda x: x)
+            (tmp / "plain").mkdir(exist_ok=True)
+            img.save(tmp / "plain" / f"scene_{i + 1:02d}.png")
+
+    k, p = _median_pair(kit, plain, rounds=rounds, warmup=1)
+    return {"name": "8-image story on the tiny profile: kit generate_story vs 8 plain pipeline calls "
+                    "(both save PNGs)", "kit_s": k, "plain_s": p, "ratio": k / p, "target": "<= 1.02"}
+
+
+BENCHES = {"generate": bench_generate, "story": bench_story, "dataset": bench_dataset, "train": bench_train,
            "course": bench_course}
 
 

@@ -54,10 +54,14 @@ class Recipe:
 
     def ops(self) -> list[dict]:
         ops = self._ops()
-        # data-juicer picks 2+ worker processes per op by itself; for a few
-        # thousand images the pool costs more than the work (measured: bench/)
+        # data-juicer picks 2+ worker processes per op by itself, and `datasets` 5
+        # starts a worker pool even for num_proc=1; num_proc=0 (with data-juicer's
+        # auto parallelism off) runs in this process, which for image filters that
+        # only read headers is several times faster (bench/run.py dataset)
         for op in ops:
-            next(iter(op.values()))["num_proc"] = self.np
+            args = next(iter(op.values()))
+            args["num_proc"] = 0 if self.np <= 1 else self.np
+            args["auto_op_parallelism"] = False
         return ops
 
     def _ops(self) -> list[dict]:
