@@ -58,6 +58,8 @@ class Recipe:
         # starts a worker pool even for num_proc=1; num_proc=0 (with data-juicer's
         # auto parallelism off) runs in this process, which for image filters that
         # only read headers is several times faster (bench/run.py dataset)
+        if self.executor == "ray":     # Ray sizes its own actors and tasks
+            return ops
         for op in ops:
             args = next(iter(op.values()))
             args["num_proc"] = 0 if self.np <= 1 else self.np
@@ -145,9 +147,13 @@ def run_recipe(folder: Path, recipe: Recipe, n_samples: int, verbose: bool = Fal
     from data_juicer.core import DefaultExecutor
 
     folder = Path(folder).resolve()
-    with _chdir(folder), _quiet_dj(verbose), _close_new_log_files():   # the YAML holds paths relative to its folder
+    with _chdir(folder), _quiet_dj(verbose), _close_new_log_files(), _ray_job_flag(recipe.executor == "ray"):   # the YAML holds paths relative to its folder
         try:
-            cfg = init_configs(["--config", "recipe.yaml"])
+            # absolute paths for this run: Ray actors do not share our working directory
+            cfg = init_configs(["--config", "recipe.yaml",
+                                "--dataset_path", str(folder / "dj_input.jsonl"),
+                                "--export_path", str(folder / "dj_output" / "kept.jsonl"),
+                                "--work_dir", str(folder / "dj_work")])
             if recipe.executor == "ray":
                 from data_juicer.core.executor.ray_executor import RayExecutor
                 executor = RayExecutor(cfg)
@@ -155,13 +161,16 @@ def run_recipe(folder: Path, recipe: Recipe, n_samples: int, verbose: bool = Fal
                 executor = DefaultExecutor(cfg)
             executor.run()
         except Exception as exc:
+            if recipe.executor == "ray" and type(exc).__name__ == "ConnectionError":
+                raise FilterError("executor='ray' needs a running Ray cluster: start one with "
+                                  "`ray start --head` (or set RAY_ADDRESS), or use executor='default'") from exc
             op = _failing_op(exc, recipe)
             raise FilterError(f"data-juicer failed in {op}: {type(exc).__name__}: {str(exc)[:400]}\n"
                               f"Its logs are in {folder / 'dj_work'}.") from exc
     kept = _read_jsonl(folder / "dj_output" / "kept.jsonl")
     stats = _read_jsonl(folder / "dj_output" / "kept_stats.jsonl")
-    kept_ids = {row["id"]: (stats[i].get("__dj__stats__", {}) if i < len(stats) else {})
-                for i, row in enumerate(kept)}
+    kept_ids = {row["id"]: row.get("__dj__stats__") or
+                (stats[i].get("__dj__stats__", {}) if i < len(stats) else {}) for i, row in enumerate(kept)}
     dropped = {}
     for op in recipe.ops():
         name = next(iter(op))
@@ -176,6 +185,21 @@ def run_recipe(folder: Path, recipe: Recipe, n_samples: int, verbose: bool = Fal
             f"{n_samples} went in: {n_samples - len(kept_ids) - n_dropped} samples vanished without a "
             f"reason (a batch that failed to load?). Logs: {folder / 'dj_work'}")
     return {"kept": kept_ids, "dropped": dropped}
+
+
+@contextlib.contextmanager
+def _ray_job_flag(on: bool):
+    """data-juicer marks Ray mode in os.environ["RAY_JOB"] and never clears it, which
+    breaks a later local run in the same kernel; set it for this run only."""
+    before = os.environ.get("RAY_JOB")
+    os.environ["RAY_JOB"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_JOB", None)
+        else:
+            os.environ["RAY_JOB"] = before
 
 
 @contextlib.contextmanager
@@ -222,9 +246,14 @@ def _failing_op(exc: Exception, recipe: Recipe) -> str:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file, or of every JSON(L) shard in a folder (the Ray exporter writes one)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    files = sorted(p for p in path.rglob("*.json*") if p.is_file()) if path.is_dir() else [path]
+    rows = []
+    for f in files:
+        rows += [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows
 
 
 def recipe_dict(recipe: Recipe) -> dict:

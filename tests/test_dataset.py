@@ -282,3 +282,42 @@ def test_caption_editor_saves_atomically(synthetic_build, tmp_path):
     with pytest.raises(DatasetError, match="empty"):
         dataset.save_captions(copy, {"00001.jpg": "  "})
     assert dataset.read_training_set(copy)[0][1] == "新的标注"
+
+
+# --- data-juicer's Ray executor -------------------------------------------------------
+def test_ray_executor_without_a_cluster_says_how_to_start_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    src = data_sources.make_synthetic_source(tmp_path / "src", n=6)
+    with pytest.raises(DatasetError, match="ray start --head"):
+        build_training_set(str(src), tmp_path / "out", recipe=Recipe(min_width=48, min_height=48,
+                                                                     executor="ray"))
+
+
+@pytest.fixture
+def local_ray(monkeypatch):
+    import os
+    ray_cli = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = subprocess.run([str(ray_cli), "start", "--head", "--num-cpus", "2", "--object-store-memory",
+                            "200000000", "--disable-usage-stats"], env=env, capture_output=True, text=True,
+                           timeout=180)
+    if start.returncode != 0:
+        pytest.skip(f"could not start a local Ray cluster: {start.stderr[-300:]}")
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    yield
+    import ray
+    ray.shutdown()
+    subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=180)
+
+
+def test_same_recipe_on_a_local_ray_cluster(local_ray, tmp_path):
+    src = data_sources.make_synthetic_source(tmp_path / "src", n=12)
+    local = build_training_set(str(src), tmp_path / "local", recipe=SMALL)
+    on_ray = build_training_set(str(src), tmp_path / "ray",
+                                recipe=Recipe(min_width=48, min_height=48, min_size="1KB", executor="ray"))
+    assert on_ray.n_out == local.n_out
+    assert sorted((d["id"], d["stage"]) for d in on_ray.dropped) == \
+        sorted((d["id"], d["stage"]) for d in local.dropped)
+    assert (tmp_path / "ray" / "train" / "metadata.csv").read_text(encoding="utf-8") == \
+        (tmp_path / "local" / "train" / "metadata.csv").read_text(encoding="utf-8")
