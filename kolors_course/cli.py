@@ -54,6 +54,24 @@ def cmd_batch(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_train(args) -> int:
+    from .dataset import DatasetError
+    from .lora_train import TrainConfig, TrainingError, train_lora
+    from .profiles import choose_profile
+
+    prof = choose_profile(args.profile)
+    try:
+        cfg = TrainConfig.for_profile(prof, **{k: _parse_value(v) for k, v in (args.setting or [])})
+        resume = {"auto": "auto", "yes": True, "no": False}[args.resume]
+        result = train_lora(prof, args.dataset, args.run, cfg, resume=resume, overwrite=args.overwrite)
+    except (TrainingError, DatasetError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result.files:
+        print(result.summary())
+    return 0
+
+
 def cmd_env(args) -> int:
     from .envinfo import needs_restart, print_environment_report
 
@@ -94,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("batch", help="run the notebooks for several parameter sets (a class)")
     b.add_argument("file", help="a YAML batch file (see README)")
     b.set_defaults(func=cmd_batch)
+
+    t = sub.add_parser("train", help="train a LoRA (also under `accelerate launch -m kolors_course.cli train`)")
+    t.add_argument("--dataset", required=True, help="a training set built by notebook 02 (folder with train/)")
+    t.add_argument("--run", required=True, help="the run folder (checkpoints, samples, LoRA files)")
+    t.add_argument("--profile", default="auto", choices=["auto", "tiny", "kolors"])
+    t.add_argument("-s", "--setting", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="a TrainConfig field, e.g. -s rank 32 -s max_steps 1000 (repeatable)")
+    t.add_argument("--resume", default="auto", choices=["auto", "yes", "no"])
+    t.add_argument("--overwrite", action="store_true", help="train again over a finished run")
+    t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("env", help="report the environment and whether a restart is needed")
     e.set_defaults(func=cmd_env)

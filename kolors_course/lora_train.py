@@ -379,14 +379,21 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     if final_file.exists() and overwrite and not ckpts:
         pass   # the old files stay until the new ones replace them atomically
 
-    pipe = pipe or load_pipeline(profile)
+    cpu = profile.device == "cpu" or not torch.cuda.is_available()
+    precision = resolve_precision(cfg.precision, "cpu" if cpu else "cuda")
+    mp = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[precision]
+    # created first: under `accelerate launch` it picks this process's GPU
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
+    main = accelerator.is_main_process
+    pipe = pipe or load_pipeline(profile, device=str(accelerator.device))
     device = str(pipe.device)
-    precision = resolve_precision(cfg.precision, device)
-    for line in preflight(cfg, device):
-        print("memory: " + line)
-    (run_dir / "train_config.json").write_text(json.dumps(
-        dict(asdict(cfg), profile=profile.name, dataset=relative_to_root(project_path(dataset_dir)),
-             precision_used=precision, n_images=len(rows)), indent=2, ensure_ascii=False), encoding="utf-8")
+    if main:
+        for line in preflight(cfg, device):
+            print("memory: " + line)
+        (run_dir / "train_config.json").write_text(json.dumps(
+            dict(asdict(cfg), profile=profile.name, dataset=relative_to_root(project_path(dataset_dir)),
+                 precision_used=precision, n_images=len(rows), processes=accelerator.num_processes),
+            indent=2, ensure_ascii=False), encoding="utf-8")
 
     data = prepare_data(pipe, rows, cfg, device, pipe.torch_dtype)
     if device != "cpu":        # frozen parts leave the GPU once their work is cached
@@ -397,9 +404,6 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
         torch.cuda.reset_peak_memory_stats()
     unet = pipe.unet
     params = add_lora(unet, cfg)
-    mp = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[precision]
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum,
-                              cpu=(device == "cpu"))
     optimizer = _optimizer(params, cfg)
     lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=cfg.max_steps)
@@ -445,19 +449,24 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
             bar.set_postfix(loss=f"{value:.4f}")
             if callback is not None:
                 callback(step, value)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
                 save_checkpoint(run_dir, step, unet, optimizer, lr_sched, gen, stream, losses, cfg.keep_last)
-            if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
+            if main and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
                 samples.append((step, validation_images(pipe, unet, cfg, run_dir, step)))
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
     eval_after = fixed_set_loss(unet, data, pipe, scheduler, cfg)
-    samples.append((step, validation_images(pipe, unet, cfg, run_dir, step)))
-    files = finish_run(run_dir, unet, cfg, profile, losses, pipe)
+    files = {}
+    if main:
+        samples.append((step, validation_images(pipe, unet, cfg, run_dir, step)))
+        files = finish_run(run_dir, unet, cfg, profile, losses, pipe)
     peak = (torch.cuda.max_memory_allocated() / 2**30) if device != "cpu" else _peak_rss_gb()
     res = TrainResult(run_dir, step, losses, files, seconds, seconds / max(step - start_step, 1), peak,
                       resumed_from, samples, eval_before, eval_after)
+    if not main:
+        return res
     (run_dir / "summary.json").write_text(json.dumps({
         "steps": step, "seconds": round(seconds, 2), "seconds_per_step": round(res.seconds_per_step, 4),
         "peak_memory_gb": round(peak, 3), "resumed_from": resumed_from,

@@ -58,3 +58,12 @@ def test_cli_values_are_parsed_safely():
     assert cli._parse_value("[1, 2]") == [1, 2]
     assert cli._parse_value("!!python/object/apply:os.system ['true']") == \
         "!!python/object/apply:os.system ['true']"
+
+
+def test_train_command_refuses_bad_settings(tmp_path, capsys):
+    code = cli.main(["train", "--dataset", str(tmp_path), "--run", str(tmp_path / "r"), "--profile", "tiny",
+                     "-s", "rank", "0"])
+    assert code == 2 and "rank=0" in capsys.readouterr().err
+    code = cli.main(["train", "--dataset", str(tmp_path / "none"), "--run", str(tmp_path / "r"),
+                     "--profile", "tiny"])
+    assert code == 2 and "build the training set" in capsys.readouterr().err
