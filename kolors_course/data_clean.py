@@ -127,7 +127,6 @@ def decode(path: Path):
 
 def normalise(items: list[SourceItem], out_dir: Path, progress=None):
     """Write each good image as ``out_dir/<n>.jpg`` (RGB); return (kept, dropped)."""
-    from PIL import Image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     kept: list[CleanItem] = []

@@ -192,7 +192,6 @@ def make_synthetic_source(dest: str | os.PathLike, n: int = 24, seed: int = 0, b
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     sizes = [(base, base), (base * 3 // 2, base), (base, base * 3 // 2), (base * 5 // 4, base * 5 // 4),
              (base * 2, base * 3 // 2)]
     modes = ["RGB", "RGBA", "P", "L", "CMYK", "I;16", "EXIF"]

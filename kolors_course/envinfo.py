@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import importlib.util
-import os
 import platform
 import shutil
 import sys

@@ -13,7 +13,6 @@ import shutil
 import time
 from pathlib import Path
 
-from .paths import relative_to_root
 
 
 def story_grid(records: list, path: Path, title: str = ""):

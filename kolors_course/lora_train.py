@@ -375,9 +375,7 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
                             "them, or choose another run_name")
     if resume is True and not ckpts:
         raise TrainingError(f"nothing to resume in {relative_to_root(run_dir)}: no checkpoint found")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if final_file.exists() and overwrite and not ckpts:
-        pass   # the old files stay until the new ones replace them atomically
+    run_dir.mkdir(parents=True, exist_ok=True)   # an old LoRA stays until the new one replaces it
 
     cpu = profile.device == "cpu" or not torch.cuda.is_available()
     precision = resolve_precision(cfg.precision, "cpu" if cpu else "cuda")
@@ -634,7 +632,6 @@ def lora_demo(d_out: int = 6, d_in: int = 8, rank: int = 2, alpha: float = 4.0, 
 
 
 def plot_parameter_counts(total: int, counts: dict, path=None, title: str = ""):
-    import matplotlib
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3))

@@ -9,7 +9,6 @@ configuration, so the code path is the same; its numbers mean nothing.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path

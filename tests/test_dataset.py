@@ -1,7 +1,6 @@
 """Dataset building: every bad-input case, the data-juicer checks, and the output layout."""
 import csv
 import hashlib
-import io
 import subprocess
 import sys
 from pathlib import Path
