@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -220,7 +221,30 @@ def prepare_data(pipe, rows, cfg: TrainConfig, device: str, dtype) -> list[dict]
         else:
             item["pixels"] = pixels
         out.append(item)
+    # validation prompts too, so validation images never need the text encoder back on the GPU
+    pipe.kit_prompt_cache = {(p, True): {k: v.to("cpu") for k, v in pipe.encode_prompt(p, positive=True).items()}
+                             for p in cfg.validation_prompts}
+    pipe.kit_prompt_cache[("", False)] = {k: v.to("cpu") for k, v in pipe.encode_prompt("", positive=False).items()}
     return out
+
+
+@contextmanager
+def cached_prompts(pipe):
+    """Serve embeddings computed by ``prepare_data`` instead of running the text encoder."""
+    cache = getattr(pipe, "kit_prompt_cache", {})
+    original = pipe.encode_prompt
+
+    def encode(prompt, clip_skip=1, clip_skip_2=2, positive=True):
+        hit = cache.get((prompt, positive))
+        if hit is not None:
+            return {k: v.to(pipe.device) for k, v in hit.items()}
+        return original(prompt, clip_skip=clip_skip, clip_skip_2=clip_skip_2, positive=positive)
+
+    pipe.encode_prompt = encode
+    try:
+        yield
+    finally:
+        del pipe.encode_prompt      # back to the class's method
 
 
 class SampleStream:
@@ -454,13 +478,13 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() / 2**30) if device != "cpu" else _peak_rss_gb()
     accelerator.wait_for_everyone()
     eval_after = fixed_set_loss(unet, data, pipe, scheduler, cfg)
     files = {}
     if main:
         samples.append((step, validation_images(pipe, unet, cfg, run_dir, step)))
         files = finish_run(run_dir, unet, cfg, profile, losses, pipe)
-    peak = (torch.cuda.max_memory_allocated() / 2**30) if device != "cpu" else _peak_rss_gb()
     res = TrainResult(run_dir, step, losses, files, seconds, seconds / max(step - start_step, 1), peak,
                       resumed_from, samples, eval_before, eval_after)
     if not main:
@@ -550,20 +574,14 @@ def validation_images(pipe, unet, cfg: TrainConfig, run_dir: Path, step: int):
     from .viz import image_grid
 
     unet.eval()
-    device = str(pipe.device)
-    moved = device != "cpu" and next(pipe.text_encoder_kolors.parameters()).device.type == "cpu"
-    if moved:
-        pipe.text_encoder_kolors.to(device)
     prof = pipe.kit_profile
     images = []
-    for prompt in cfg.validation_prompts:
-        for seed in cfg.validation_seeds:
-            images.append(pipe(prompt=prompt, negative_prompt="", cfg_scale=prof.cfg_scale,
-                               num_inference_steps=prof.steps, height=prof.height, width=prof.width,
-                               seed=seed, progress_bar_cmd=inner_progress))
-    if moved:
-        pipe.text_encoder_kolors.to("cpu")
-        torch.cuda.empty_cache()
+    with cached_prompts(pipe):
+        for prompt in cfg.validation_prompts:
+            for seed in cfg.validation_seeds:
+                images.append(pipe(prompt=prompt, negative_prompt="", cfg_scale=prof.cfg_scale,
+                                   num_inference_steps=prof.steps, height=prof.height, width=prof.width,
+                                   seed=seed, progress_bar_cmd=inner_progress))
     unet.train()
     folder = run_dir / "samples"
     folder.mkdir(exist_ok=True)

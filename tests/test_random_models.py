@@ -1,0 +1,57 @@
+"""Random-weight pipelines: the same code measures a learner's GPU needs (Kolors sizes)
+and runs here (tiny sizes)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from kolors_course.lora_train import TrainConfig, train_lora
+from kolors_course.models import random_pipeline
+from kolors_course.text2image import generate
+
+
+def test_random_tiny_pipeline_generates_and_trains(tiny, tmp_path):
+    from kolors_course.data_filter import Recipe
+    from kolors_course.dataset import build_training_set
+    ds = tmp_path / "ds"
+    build_training_set("synthetic", ds, recipe=Recipe(min_width=48, min_height=48), limit=4)
+    pipe = random_pipeline(tiny, "tiny", "cpu", folder=tmp_path / "m")
+    img = generate(pipe, "一只猫", seed=0)
+    assert img.size == (64, 64) and np.asarray(img).std() > 0
+    res = train_lora(tiny, ds, tmp_path / "run", TrainConfig.for_profile(tiny, max_steps=3, validate_every=None),
+                     pipe=pipe)
+    assert res.steps == 3 and res.files["lora"].exists()
+
+
+def test_validation_uses_cached_prompt_embeddings(tiny, tmp_path):
+    """Validation images must not need the text encoder (it leaves the GPU after caching)."""
+    from kolors_course.data_filter import Recipe
+    from kolors_course.dataset import build_training_set
+    ds = tmp_path / "ds"
+    build_training_set("synthetic", ds, recipe=Recipe(min_width=48, min_height=48), limit=4)
+    pipe = random_pipeline(tiny, "tiny", "cpu", folder=tmp_path / "m")
+    calls = []
+    te = pipe.text_encoder_kolors
+    hook = te.register_forward_hook(lambda *a: calls.append(1))
+    train_lora(tiny, ds, tmp_path / "run", TrainConfig.for_profile(tiny, max_steps=2, validate_every=1),
+               pipe=pipe)
+    hook.remove()
+    n_captions = len({t for _, t in __import__("kolors_course").read_training_set(ds)})
+    assert len(calls) == n_captions + 2     # captions once, plus validation prompt and negative, once
+
+
+@pytest.mark.gpu
+def test_kolors_sized_training_fits_16_gb(tmp_path):
+    """On a CUDA GPU: Kolors-sized random models, the kolors defaults at 1024 px."""
+    from kolors_course.data_filter import Recipe
+    from kolors_course.dataset import build_training_set
+    from kolors_course.profiles import choose_profile
+    prof = choose_profile("kolors")
+    ds = tmp_path / "ds"
+    build_training_set("synthetic", ds, recipe=Recipe(min_width=1024, min_height=1024), limit=4,
+                       synthetic_size=1024)
+    pipe = random_pipeline(prof, "kolors", "cuda")
+    res = train_lora(prof, ds, tmp_path / "run", TrainConfig.for_profile(prof, max_steps=3, validate_every=None),
+                     pipe=pipe)
+    assert res.peak_memory_gb <= 16.0, res.summary()
