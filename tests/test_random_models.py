@@ -1,10 +1,8 @@
 """Random-weight pipelines: the same code measures a learner's GPU needs (Kolors sizes)
 and runs here (tiny sizes)."""
-import os
 
 import numpy as np
 import pytest
-import torch
 
 from kolors_course.lora_train import TrainConfig, train_lora
 from kolors_course.models import random_pipeline
