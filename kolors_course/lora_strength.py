@@ -20,6 +20,11 @@ def set_lora_scale(pipe, lora_path, scale: float) -> None:
     unet = pipe.unet
     params = dict(unet.named_parameters())
     saved = getattr(pipe, "kit_base_weights", None)
+    if saved is not None and getattr(pipe, "kit_lora_path", None) != str(lora_path):
+        with torch.no_grad():      # another LoRA: put the base weights back first
+            for name, w in saved.items():
+                params[name].copy_(w)
+        saved = None
     if saved is None:
         from pathlib import Path
 
@@ -27,6 +32,7 @@ def set_lora_scale(pipe, lora_path, scale: float) -> None:
         modules, _ = read_lora(lora_path, cfg)
         saved = {f"{m}.weight": params[f"{m}.weight"].detach().clone() for m in modules}
         pipe.kit_base_weights = saved
+        pipe.kit_lora_path = str(lora_path)
     with torch.no_grad():
         for name, w in saved.items():
             params[name].copy_(w)
