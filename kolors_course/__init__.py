@@ -25,7 +25,7 @@ _EXPORTS = {
     "TrainConfig": "lora_train", "train_lora": "lora_train", "lora_demo": "lora_train",
     "read_lora": "lora_files", "fuse_lora": "lora_files",
     "load_story": "story", "generate_story": "story", "generation_settings": "story",
-    "set_lora_scale": "lora_strength", "AestheticScorer": "scoring",
+    "set_lora_scale": "lora_strength", "strength_sweep": "lora_strength", "AestheticScorer": "scoring",
     "story_grid": "gallery", "write_gallery": "gallery", "write_bundle": "gallery",
     "environment_report": "envinfo", "print_environment_report": "envinfo",
     "needs_restart": "envinfo", "restart_kernel": "envinfo",

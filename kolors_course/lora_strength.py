@@ -39,3 +39,17 @@ def set_lora_scale(pipe, lora_path, scale: float) -> None:
     if scale:
         fuse_lora(mm, lora_path, scale=scale)
     pipe.kit_lora_scale = scale
+
+
+def strength_sweep(pipe, lora_path, story, scene: int, settings: dict, values=(0.0, 0.5, 1.0, 1.5)):
+    """One scene (1-based) at several LoRA strengths: ``[(label, image), ...]``."""
+    from .text2image import generate
+
+    sc = story.scenes[scene - 1]
+    out = []
+    for s in values:
+        set_lora_scale(pipe, lora_path, s)
+        out.append((f"strength {s}", generate(pipe, story.prompt(scene - 1), story.negative, seed=sc.seed,
+                                              cfg_scale=settings["cfg_scale"], steps=settings["steps"],
+                                              height=settings["height"], width=settings["width"])))
+    return out

@@ -8,15 +8,7 @@ import torch
 from kolors_course import lora_files, models
 from kolors_course.profiles import KOLORS
 
-KOLORS_UNET_CONFIG = dict(
-    sample_size=128, in_channels=4, out_channels=4,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    block_out_channels=[320, 640, 1280], layers_per_block=2, transformer_layers_per_block=[1, 2, 10],
-    attention_head_dim=[5, 10, 20], use_linear_projection=True, cross_attention_dim=2048,
-    encoder_hid_dim=4096, encoder_hid_dim_type="text_proj", addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=5632,
-)
+KOLORS_UNET_CONFIG = models.KOLORS_UNET_CONFIG   # the real Kolors UNet config (diffusers format)
 
 
 @pytest.fixture(scope="module")
