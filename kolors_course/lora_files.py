@@ -15,6 +15,13 @@ their safetensors metadata.  DiffSynth's ``load_lora(path, lora_alpha=x)`` adds
 ``x * B @ A`` with ``x`` exactly as given, so ``fuse_lora`` passes
 ``x = scale * alpha / rank``: the training scale travels with the file and
 ``scale=1`` reproduces what training saw.
+
+Reading refuses a file it cannot use as it is with a ``LoRAFileError`` that names
+the file, what is wrong and what to do: half a pair, two halves of different
+ranks, or a change whose shape is not that of the UNet weight it is added to
+(checked before anything is fused).  A file that does not say its alpha (no
+``.alpha`` keys and no ``lora_alpha`` metadata, in either layout) is read at
+scale 1.0 with a warning naming it.
 """
 from __future__ import annotations
 
@@ -125,11 +132,36 @@ def export_lora(pairs: dict, rank: int, alpha: float, out_dir: str | os.PathLike
 
 
 # --- reading ---------------------------------------------------------------------
+REDO = "the file is incomplete or damaged: export it again, or download it again"
+
+
+def _no_alpha_warning(path: Path) -> None:
+    """Said the same way for every layout: the file does not say how strong it was trained."""
+    import warnings
+
+    warnings.warn(f"{path.name} does not say its alpha; assuming alpha = rank (scale 1.0). "
+                  "If it looks too strong or too weak, pass another lora_scale", stacklevel=3)
+
+
+def _check_pair(path: Path, name: str, a: torch.Tensor, b: torch.Tensor, down: str, up: str) -> None:
+    """A pair whose two halves fit together: 2-D (or 1x1 convolution) with one rank."""
+    if a.ndim not in (2, 4) or a.ndim != b.ndim:
+        raise LoRAFileError(f"{path.name}: {name}: {down} is {tuple(a.shape)} and {up} {tuple(b.shape)}; "
+                            f"a LoRA pair is two matrices (or two 1x1 convolutions). {REDO}")
+    if a.ndim == 4 and (tuple(a.shape[2:]) != (1, 1) or tuple(b.shape[2:]) != (1, 1)):
+        raise LoRAFileError(f"{path.name}: {name}: a {tuple(a.shape[2:])} convolution LoRA (LoCon) is not "
+                            "supported here (only linear and 1x1 layers); use a LoRA trained on linear layers")
+    if a.shape[0] != b.shape[1]:
+        raise LoRAFileError(f"{path.name}: {name}: {down} has rank {a.shape[0]} but {up} rank {b.shape[1]} "
+                            f"({tuple(a.shape)} and {tuple(b.shape)}); {REDO}")
+
+
 def read_lora(path: str | os.PathLike, unet_config_path: str | os.PathLike | None = None):
     """Read either layout as ``({diffsynth module: (A, B, scale)}, metadata)``.
 
     ``scale`` is alpha / rank for that module: from ``.alpha`` keys (kohya), the
-    file's ``lora_alpha`` metadata (kit files), or 1.0 with a warning.
+    file's ``lora_alpha`` metadata (kit files), or 1.0 with a warning.  Half a
+    pair or two halves of different ranks raise ``LoRAFileError`` naming the file.
     """
     from safetensors import safe_open
 
@@ -145,33 +177,85 @@ def read_lora(path: str | os.PathLike, unet_config_path: str | os.PathLike | Non
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
         raise LoRAFileError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+    meta_alpha = meta.get("lora_alpha")
     out = {}
     if any(k.startswith("lora_unet_") for k in state):
         if unet_config_path is None:
-            raise LoRAFileError("a kohya-layout file needs the UNet config to map its names")
+            raise LoRAFileError(f"{path.name}: a kohya-layout file needs the UNet config to map its names")
         inverse = {kohya_name(d): ds for ds, d in diffusers_module_map(unet_config_path).items()}
+        halves = {}
         for key in state:
-            if not key.endswith(".lora_down.weight"):
-                continue
-            base = key[: -len(".lora_down.weight")]
+            for part in (".lora_down.weight", ".lora_up.weight"):
+                if key.endswith(part):
+                    halves.setdefault(key[: -len(part)], set()).add(part)
+        half = sorted(base for base, parts in halves.items() if len(parts) == 1)
+        if half:
+            have = next(iter(halves[half[0]]))
+            lacks = ".lora_up.weight" if have == ".lora_down.weight" else ".lora_down.weight"
+            raise LoRAFileError(f"{path.name}: {half[0]}{have} has no {half[0]}{lacks} "
+                                f"({len(half)} of {len(halves)} pairs are incomplete); {REDO}")
+        guessed = False
+        for base in halves:
             if base not in inverse:
                 raise LoRAFileError(f"{path.name}: {base} names no module of this UNet")
-            a, b = state[key], state[f"{base}.lora_up.weight"]
-            alpha = float(state[f"{base}.alpha"]) if f"{base}.alpha" in state else float(a.shape[0])
+            a, b = state[f"{base}.lora_down.weight"], state[f"{base}.lora_up.weight"]
+            _check_pair(path, base, a, b, "lora_down", "lora_up")
+            if f"{base}.alpha" in state:
+                alpha = float(state[f"{base}.alpha"])
+            elif meta_alpha is not None:
+                alpha = float(meta_alpha)
+            else:
+                alpha, guessed = float(a.shape[0]), True
             out[inverse[base]] = (a, b, alpha / a.shape[0])
+        if guessed:
+            _no_alpha_warning(path)
     else:
-        pairs = lora_pairs_from_peft(state)
+        try:
+            pairs = lora_pairs_from_peft(state)
+        except LoRAFileError:
+            def other(k):
+                return k.replace(".lora_A.", ".lora_B.") if ".lora_A." in k else k.replace(".lora_B.", ".lora_A.")
+
+            lora_keys = [k for k in state if ".lora_A." in k or ".lora_B." in k]
+            half = sorted(k for k in lora_keys if other(k) not in state)
+            n = len({k.split(".lora_")[0] for k in lora_keys})
+            raise LoRAFileError(f"{path.name}: {half[0]} has no {other(half[0])} "
+                                f"({len(half)} of {n} pairs are incomplete); {REDO}") from None
         if not pairs:
             raise LoRAFileError(f"{path.name} holds no LoRA weights (lora_A/lora_B or lora_down/lora_up)")
-        alpha = meta.get("lora_alpha")
-        if alpha is None:
-            import warnings
-
-            warnings.warn(f"{path.name} does not say its alpha; assuming alpha = rank (scale 1.0)")
         for module, (a, b) in pairs.items():
-            scale = float(alpha) / a.shape[0] if alpha is not None else 1.0
+            _check_pair(path, module, a, b, "lora_A", "lora_B")
+            scale = float(meta_alpha) / a.shape[0] if meta_alpha is not None else 1.0
             out[module] = (a, b, scale)
+        if meta_alpha is None:
+            _no_alpha_warning(path)
     return out, meta
+
+
+def _check_fits(path: Path, modules: dict, meta: dict, unet, config: Path) -> None:
+    """Every module's change ``B @ A`` has the shape of the UNet weight it is added to.
+
+    Checked before anything is fused, so a LoRA for another model changes nothing.
+    Modules this UNet lacks are left to DiffSynth's own match (``fuse_lora``'s "did not apply").
+    """
+    from safetensors import safe_open
+
+    shapes = {name: tuple(t.shape) for name, t in unet.state_dict().items()}
+    with safe_open(str(path), "pt") as f:
+        kohya = any(k.startswith("lora_unet_") for k in f.keys())
+    in_file = {ds: f"{kohya_name(d)} = {ds}" for ds, d in diffusers_module_map(config).items()} if kohya else {}
+    for module, (a, b, _) in modules.items():
+        want = shapes.get(f"{module}.weight")
+        if want is None:
+            continue
+        got = (b.shape[0], a.shape[1]) + tuple(a.shape[2:])
+        if got != want:
+            said = meta.get("base_model") or meta.get("ss_base_model_version")
+            said = f" (the file names its base model: {said})" if said else ""
+            raise LoRAFileError(f"{path.name}: {in_file.get(module, module)}: the LoRA changes a {got} "
+                                f"weight but this UNet's is {want}; a LoRA fits only the model it was trained "
+                                f"on{said}: use one trained on this model, or export or download it again if "
+                                "it is damaged")
 
 
 def fuse_lora(mm, path: str | os.PathLike, scale: float = 1.0) -> int:
@@ -182,8 +266,10 @@ def fuse_lora(mm, path: str | os.PathLike, scale: float = 1.0) -> int:
     """
     if not isinstance(scale, (int, float)) or scale < 0:
         raise ValueError(f"lora scale {scale!r}: use a number >= 0 (1.0 = as trained)")
-    unet_path = Path(mm.model_path[mm.model_name.index("sdxl_unet")])
-    modules, _ = read_lora(path, unet_path.with_name("config.json"))
+    unet_index = mm.model_name.index("sdxl_unet")
+    unet_path = Path(mm.model_path[unet_index])
+    modules, meta = read_lora(path, unet_path.with_name("config.json"))
+    _check_fits(Path(path), modules, meta, mm.model[unet_index], unet_path.with_name("config.json"))
     if scale == 0:
         return 0
     # DiffSynth applies one alpha to every module: fold each module's own scale into B
