@@ -5,10 +5,14 @@ import json
 from pathlib import Path
 
 
-def write_report(folder: Path, items_before, items_after, dropped, counts, src_folder: Path) -> dict:
+def write_report(folder: Path, items_before, items_after, dropped, counts, sources: dict,
+                 inputs: dict | None = None) -> dict:
+    """``report/`` in ``folder``.  ``sources`` maps each item id to the path checked when
+    the source folder was read (None when it was refused): the only paths opened here."""
     rep = folder / "report"
     rep.mkdir(parents=True, exist_ok=True)
     report = {
+        "input": inputs or {},
         "counts": [{"stage": s, "left": n} for s, n in counts],
         "dropped": [{"id": d.id, "stage": d.stage, "reason": d.reason} for d in dropped],
         "kept": [{"id": it.id, "caption": it.caption, "size": [it.width, it.height],
@@ -19,7 +23,7 @@ def write_report(folder: Path, items_before, items_after, dropped, counts, src_f
         report["dropped_by_stage"][d.stage] = report["dropped_by_stage"].get(d.stage, 0) + 1
     (rep / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     plot_histograms(items_before, items_after, rep / "sizes.png")
-    plot_preview(items_after, dropped, items_before, src_folder, rep / "preview.png")
+    plot_preview(items_after, dropped, items_before, sources, rep / "preview.png")
     return report
 
 
@@ -45,8 +49,12 @@ def plot_histograms(before, after, path: Path):
     return path
 
 
-def plot_preview(kept, dropped, before, src_folder: Path, path: Path, n_kept: int = 8, n_dropped: int = 8):
-    """Kept images (top) and dropped ones (bottom) with why; captions are in report.json."""
+def plot_preview(kept, dropped, before, sources: dict, path: Path, n_kept: int = 8, n_dropped: int = 8):
+    """Kept images (top) and dropped ones (bottom) with why; captions are in report.json.
+
+    A dropped image is drawn from its checked path in ``sources``; a refused one
+    (a metadata path outside the folder, None there) is shown as "not opened".
+    """
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -56,17 +64,17 @@ def plot_preview(kept, dropped, before, src_folder: Path, path: Path, n_kept: in
     rows = [("kept", it.id, staged.get(it.id), f"kept: {it.width}x{it.height}") for it in kept[:n_kept]]
     drows = []
     for d in dropped[:n_dropped]:
-        f = staged.get(d.id)
-        if f is None:
-            cand = src_folder / d.id
-            f = cand if cand.is_file() else None
-        drows.append(("dropped", d.id, f, f"{d.stage}: {d.reason}"))
+        # never `source folder / id`: the id is the name as the metadata wrote it, and
+        # "../../etc/passwd" joined to the folder is that file; `sources` holds None for it
+        f = staged.get(d.id) or sources.get(d.id)
+        kind = "dropped" if f is not None else "refused"
+        drows.append((kind, d.id, f if f is not None and f.is_file() else None, f"{d.stage}: {d.reason}"))
     cols = max(len(rows), len(drows), 1)
     fig, axes = plt.subplots(2, cols, figsize=(cols * 1.9, 2 * 2.3), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for r, group in enumerate((rows, drows)):
-        for c, (_, ident, f, label) in enumerate(group):
+        for c, (kind, ident, f, label) in enumerate(group):
             ax = axes[r][c]
             img = None
             if f is not None:
@@ -78,7 +86,8 @@ def plot_preview(kept, dropped, before, src_folder: Path, path: Path, n_kept: in
             if img is not None:
                 ax.imshow(img)
             else:
-                ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=8)
+                ax.text(0.5, 0.5, "refused, not opened" if kind == "refused" else "unreadable",
+                        ha="center", va="center", fontsize=8)
             ax.set_title(_wrap(f"{ident}\n{label}", 28), fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -9,7 +9,7 @@ import io
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .paths import inside
@@ -25,8 +25,30 @@ class SourceItem:
     note: str = ""               # why the caption is missing, or why the path was refused
 
 
+@dataclass
+class SourceScan:
+    """What ``scan_folder`` found: the items, and the facts the report needs to say
+    what was read (metadata rows and image files are different things)."""
+    folder: Path
+    items: list
+    metadata_file: str | None = None          # "metadata.jsonl", "metadata.csv", or None (.txt files)
+    ignored_metadata: list = field(default_factory=list)
+    unlisted: list = field(default_factory=list)   # ids of images in the folder the metadata omits
+    notes: list = field(default_factory=list)
+
+
 class SourceError(RuntimeError):
     """The source cannot be read at all (not a folder, offline hub...)."""
+
+
+#: data-juicer's multimodal markers; the kit adds its own image token when it writes
+#: data-juicer's input, so a caption copied from a data-juicer file must not keep them
+_DJ_TOKENS = ("<__dj__image>", "<|__dj__eoc|>")
+
+_EXPECTED = ('expected one image per row: {"file_name": "a.jpg", "text": "..."} '
+             'or data-juicer\'s {"images": ["a.jpg"], "text": "..."}')
+
+UNLISTED_NOTE = "not listed in metadata"
 
 
 def _read_text(path: Path) -> tuple[str | None, str]:
@@ -39,49 +61,123 @@ def _read_text(path: Path) -> tuple[str | None, str]:
     return (text or None), ("" if text else f"caption file {path.name} is empty")
 
 
+def _caption(text) -> str | None:
+    if text is None:
+        return None
+    text = str(text)
+    for token in _DJ_TOKENS:
+        text = text.replace(token, " ")
+    return " ".join(text.split()) or None
+
+
 def read_folder(folder: str | os.PathLike) -> list[SourceItem]:
+    """Images under ``folder`` with their captions (see ``scan_folder``)."""
+    return scan_folder(folder).items
+
+
+def scan_folder(folder: str | os.PathLike, exclude=()) -> SourceScan:
     """Images under ``folder`` with captions from ``metadata.jsonl``, ``metadata.csv``
-    (columns ``file_name,text``) or side-car ``.txt`` files, in that order of preference.
+    or side-car ``.txt`` files, in that order of preference.
+
+    Metadata rows name one image each: ``file_name`` (csv or jsonl) or, in
+    jsonl, data-juicer's ``images`` list holding one path; the caption is
+    ``text``.  When both metadata files exist ``metadata.jsonl`` is used and the
+    scan's ``notes`` say so.  Images in the folder that the metadata does not
+    list are kept without a caption (note ``UNLISTED_NOTE``), so the caption
+    policy decides about them and the report counts them.
 
     Metadata paths are resolved inside ``folder``; one that points outside is
-    kept as a refused item (never opened) so the report can say so.
+    kept as a refused item (never opened) so the report can say so.  Files
+    under ``exclude`` (the kit's own output, when it lies inside the source)
+    are not read.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise SourceError(f"{folder} is not a folder of images")
+    scan = SourceScan(folder, [])
     items: dict[str, SourceItem] = {}
-    meta_rows = _metadata_rows(folder)
+    meta_rows = _metadata_rows(folder, scan)
     if meta_rows is not None:
+        listed = set()
         for name, text in meta_rows:
             try:
                 p = inside(folder, name)
             except ValueError:
                 items[name] = SourceItem(name, None, None, "path points outside the dataset folder: refused")
                 continue
-            cap = " ".join(str(text).split()) if text is not None else None
-            items[name] = SourceItem(name, p, cap or None, "" if cap else "empty caption in metadata")
-        return sorted(items.values(), key=lambda it: it.id)
-    for p in sorted(folder.rglob("*")):
-        if p.suffix.lower() not in IMAGE_EXTS or not p.is_file() and not p.is_symlink():
-            continue
-        rel = str(p.relative_to(folder))
-        try:
-            real = inside(folder, rel)
-        except ValueError:
+            listed.add(p)
+            cap = _caption(text)
+            items[name] = SourceItem(name, p, cap, "" if cap else "empty caption in metadata")
+        for rel, real in _image_files(folder, exclude):
+            if rel in items or real in listed:
+                continue
+            # not listed: kept uncaptioned so the caption policy (template or drop) decides,
+            # rather than silently leaving out pictures the user put in the folder
+            items[rel] = (SourceItem(rel, real, None, UNLISTED_NOTE) if real is not None else
+                          SourceItem(rel, None, None, "symlink points outside the dataset folder: refused"))
+            scan.unlisted.append(rel)
+        scan.items = sorted(items.values(), key=lambda it: it.id)
+        return scan
+    for rel, real in _image_files(folder, exclude):
+        if real is None:
             items[rel] = SourceItem(rel, None, None, "symlink points outside the dataset folder: refused")
             continue
-        side = p.with_suffix(".txt")
+        side = (folder / rel).with_suffix(".txt")
         if side.is_file():
             cap, note = _read_text(side)
         else:
             cap, note = None, "no caption file"
         items[rel] = SourceItem(rel, real, cap, note)
-    return sorted(items.values(), key=lambda it: it.id)
+    scan.items = sorted(items.values(), key=lambda it: it.id)
+    return scan
 
 
-def _metadata_rows(folder: Path):
+def _image_files(folder: Path, exclude=()):
+    """(relative name, checked real path or None when a symlink leads outside) per image file."""
+    base = folder.resolve()
+    # an excluded folder that holds the source (the kit's synthetic set is drawn inside
+    # its build folder) excludes nothing
+    skip = [s for s in (Path(e).resolve() for e in exclude) if s != base and s not in base.parents]
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() not in IMAGE_EXTS or not p.is_file() and not p.is_symlink():
+            continue
+        if any(s == p.resolve() or s in p.resolve().parents for s in skip):
+            continue
+        rel = str(p.relative_to(folder))
+        try:
+            yield rel, inside(folder, rel)
+        except ValueError:
+            yield rel, None
+
+
+def _row_image(row, where: str) -> str:
+    """The one image path a metadata row names, or a SourceError that says what is expected."""
+    if not isinstance(row, dict):
+        raise SourceError(f"{where} is not a JSON object; {_EXPECTED}")
+    key = next((k for k in ("file_name", "images", "image", "path") if row.get(k) is not None), None)
+    if key is None:
+        raise SourceError(f"{where} has neither \"file_name\" nor \"images\"; {_EXPECTED}")
+    value = row[key]
+    if isinstance(value, list):
+        # a training pair is one picture and its caption: several images in one row
+        # (data-juicer's multi-image samples) have no single caption to train on
+        if len(value) != 1:
+            raise SourceError(f"{where} lists {len(value)} images in \"{key}\"; {_EXPECTED} "
+                              "(split a multi-image row into one row per image)")
+        value = value[0]
+    if not isinstance(value, str) or not value.strip():
+        raise SourceError(f"{where}: \"{key}\" must be the image's path as text, not {value!r}; {_EXPECTED}")
+    return value
+
+
+def _metadata_rows(folder: Path, scan: SourceScan):
     jl, cs = folder / "metadata.jsonl", folder / "metadata.csv"
+    if jl.is_file() and cs.is_file():
+        scan.ignored_metadata.append(cs.name)
+        scan.notes.append(f"{folder} holds both metadata.jsonl and metadata.csv: using metadata.jsonl "
+                          "and ignoring metadata.csv (delete or rename the one you do not want)")
     if jl.is_file():
+        scan.metadata_file = jl.name
         rows = []
         for n, line in enumerate(jl.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -90,17 +186,23 @@ def _metadata_rows(folder: Path):
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SourceError(f"{jl}: line {n} is not JSON ({exc.msg})") from exc
-            name = row.get("file_name") or row.get("image") or row.get("path")
-            if not name:
-                raise SourceError(f"{jl}: line {n} has no file_name")
+            name = _row_image(row, f"{jl}: line {n}")
             rows.append((name, row.get("text", row.get("caption"))))
         return rows
     if cs.is_file():
+        scan.metadata_file = cs.name
+        rows = []
         with cs.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or "file_name" not in reader.fieldnames:
                 raise SourceError(f"{cs} needs a header with file_name (and text)")
-            return [(r["file_name"], r.get("text")) for r in reader]
+            for r in reader:
+                name = r["file_name"]
+                if not isinstance(name, str) or not name.strip():
+                    raise SourceError(f"{cs}: line {reader.line_num} has no file_name; "
+                                      "each row is file_name,text with one image's path")
+                rows.append((name, r.get("text")))
+        return rows
     return None
 
 

@@ -62,7 +62,7 @@ def _tidy(text: str) -> str:
 @dataclass
 class BuildResult:
     folder: Path
-    n_in: int
+    n_in: int                                        # image files found (not metadata rows)
     n_out: int
     counts: list = field(default_factory=list)       # [(stage, left)]
     dropped: list = field(default_factory=list)      # [Dropped as dict]
@@ -74,6 +74,12 @@ class BuildResult:
 
     def summary(self) -> str:
         lines = [f"{self.n_in} images in, {self.n_out} kept -> {relative_to_root(self.train_dir)}"]
+        inp = self.report.get("input") or {}
+        if inp.get("metadata_file"):
+            lines.append(f"  {inp['metadata_rows']} metadata rows in {inp['metadata_file']}: "
+                         f"{inp['rows_refused']} refused (outside the folder), "
+                         f"{inp['rows_missing_file']} naming a missing file; "
+                         f"{inp['unlisted_images']} unlisted images ({inp['unlisted_decision']})")
         for stage, left in self.counts:
             lines.append(f"  after {stage:<26} {left:>5}")
         by_stage: dict[str, int] = {}
@@ -123,9 +129,18 @@ def build_training_set(source: str, out: str | os.PathLike, recipe: Recipe | Non
         src_folder = resolve_source(source, tmp, limit, seed, synthetic_size)
         if src_folder.resolve() == out.resolve() or out.resolve() in src_folder.resolve().parents:
             raise DatasetError("`out` must not contain the source images")
-        items = data_sources.read_folder(src_folder)
+        # the kit's own output must not be read back as source images when `out` lies inside it
+        scan = data_sources.scan_folder(src_folder, exclude=(out, tmp))
+        for note in scan.notes:
+            print(f"note: {note}")
+        items = scan.items
         if limit is not None and source != "synthetic":
             items = items[:limit]
+        inp = _input_facts(scan, items, captions)
+        if inp["unlisted_images"]:
+            n = inp["unlisted_images"]
+            print(f"note: {n} image{'s' * (n != 1)} in {src_folder} not listed in "
+                  f"{inp['metadata_file']}: {inp['unlisted_decision']} (counted in report.json)")
         if not items:
             raise DatasetError(f"no images found in {src_folder} (extensions: "
                                f"{', '.join(sorted(data_sources.IMAGE_EXTS))})")
@@ -134,11 +149,13 @@ def build_training_set(source: str, out: str | os.PathLike, recipe: Recipe | Non
         counts = [("reading and checking", len(kept))]
         # captions
         captioned = []
+        unlisted = set(scan.unlisted)
         for i, it in enumerate(kept):
             text = captions.make(it, it.facts or {}, i)
             if text is None:
-                dropped.append(data_clean.Dropped(it.id, it.source, "caption",
-                                                  "no caption, and no fallback template"))
+                why = (f"{data_sources.UNLISTED_NOTE} (and Captions(fallback=None) drops uncaptioned images)"
+                       if it.id in unlisted else "no caption, and no fallback template")
+                dropped.append(data_clean.Dropped(it.id, it.source, "caption", why))
                 continue
             if not it.caption:
                 it.notes.append("caption from template")
@@ -163,13 +180,16 @@ def build_training_set(source: str, out: str | os.PathLike, recipe: Recipe | Non
         if not final:
             raise DatasetError(_nothing_left("after the data-juicer filters", dropped, recipe))
         _write_train(final, tmp / "train")
-        res = BuildResult(out, len(items), len(final), counts, [asdict(d) for d in dropped])
+        n_in = inp["image_files"]
+        res = BuildResult(out, n_in, len(final), counts, [asdict(d) for d in dropped])
         from .data_report import write_report
+        # the report draws dropped images from the paths checked when the folder was read
+        # (None for a refused one), never from a name the metadata gave
         res.report = write_report(tmp, items_before=kept, items_after=final, dropped=dropped,
-                                  counts=counts, src_folder=src_folder)
+                                  counts=counts, sources={it.id: it.path for it in items}, inputs=inp)
         (tmp / MARKER).write_text(json.dumps({
             "source": source, "recipe": asdict(recipe), "captions": asdict(captions),
-            "limit": limit, "seed": seed, "n_in": len(items), "n_out": len(final),
+            "limit": limit, "seed": seed, "n_in": n_in, "n_rows": inp["metadata_rows"], "n_out": len(final),
             "counts": counts, "seconds": round(time.perf_counter() - t0, 1),
         }, indent=2, ensure_ascii=False), encoding="utf-8")
         _swap_into_place(tmp, out)
@@ -182,13 +202,43 @@ def build_training_set(source: str, out: str | os.PathLike, recipe: Recipe | Non
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _input_facts(scan, items, captions: Captions) -> dict:
+    """What was read, for report.json: metadata rows and image files counted apart."""
+    ids = set(scan.unlisted)
+    # counted from the items used (after `limit`), one per image name the metadata gives
+    listed = [it for it in items if it.id not in ids] if scan.metadata_file else []
+    unlisted = [it for it in items if it.id in ids]
+    if captions.mode == "template":
+        decision = "kept; captioned from the template like every image"
+    elif captions.fallback is not None:
+        decision = "kept with the fallback template caption"
+    else:
+        decision = "dropped: Captions(fallback=None) drops uncaptioned images"
+    return {
+        "folder": str(scan.folder),
+        "metadata_file": scan.metadata_file,
+        "ignored_metadata": list(scan.ignored_metadata),
+        "metadata_rows": len(listed) if scan.metadata_file else 0,
+        "rows_refused": sum(1 for it in listed if it.path is None),
+        "rows_missing_file": sum(1 for it in listed if it.path is not None and not it.path.is_file()),
+        "image_files": sum(1 for it in items if it.path is not None and it.path.is_file()),
+        "unlisted_images": len(unlisted),
+        "unlisted_decision": decision if scan.metadata_file else "no metadata file: every image is read",
+        "notes": list(scan.notes),
+    }
+
+
 def _reason(op: str, stats: dict, recipe: Recipe) -> str:
     def first(key):
         v = stats.get(key)
         return v[0] if isinstance(v, list) and v else v
     if op == "image_shape_filter":
-        return (f"{first('image_width')}x{first('image_height')} px is smaller than "
-                f"{recipe.min_width}x{recipe.min_height}")
+        # name the side(s) that fail: "2000x200 is smaller than 256x256" reads as if both did
+        w, h = first("image_width"), first("image_height")
+        sides = [f"{name} {v} px < {lo} px" for name, v, lo in (("width", w, recipe.min_width),
+                                                                 ("height", h, recipe.min_height))
+                 if v is not None and lo is not None and v < lo]
+        return ", ".join(sides) or f"{w}x{h} px removed by image_shape_filter"
     if op == "image_aspect_ratio_filter":
         r = first("aspect_ratios")
         return f"aspect ratio {r:.2f} is outside {recipe.min_ratio}-{recipe.max_ratio}" if r else op

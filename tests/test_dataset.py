@@ -54,7 +54,7 @@ def test_synthetic_build_drops_something_at_every_stage(synthetic_build):
     assert "not an image" in reasons["bad_not_image.png"]
     assert "truncated" in reasons["bad_truncated.jpg"]
     assert "same file content as" in reasons["odd_duplicate.jpg"]
-    assert "smaller than 48x48" in reasons["odd_too_small.png"]
+    assert reasons["odd_too_small.png"] == "width 21 px < 48 px, height 21 px < 48 px"
     assert "aspect ratio" in reasons["odd_too_wide.png"]
     assert "file size" in reasons["odd_blank.jpg"]
     assert res.n_out == res.n_in - len(res.dropped)
@@ -320,3 +320,161 @@ def test_same_recipe_on_a_local_ray_cluster(local_ray, tmp_path):
         sorted((d["id"], d["stage"]) for d in local.dropped)
     assert (tmp_path / "ray" / "train" / "metadata.csv").read_text(encoding="utf-8") == \
         (tmp_path / "local" / "train" / "metadata.csv").read_text(encoding="utf-8")
+
+
+# --- issue 8: what the metadata names, what is opened, and what the report counts ----------
+import json  # noqa: E402
+import os  # noqa: E402
+
+# sys.addaudithook cannot be undone: the hook only records while this flag is set
+_AUDIT = {"on": False, "opened": []}
+
+
+def _record_opens(event, args):
+    if _AUDIT["on"] and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        _AUDIT["opened"].append((os.fsdecode(args[0]), os.getcwd()))
+
+
+_HOOKED = []
+
+
+def _opened_during(fn):
+    if not _HOOKED:
+        sys.addaudithook(_record_opens)
+        _HOOKED.append(True)
+    _AUDIT["opened"] = []
+    _AUDIT["on"] = True
+    try:
+        result = fn()
+    finally:
+        _AUDIT["on"] = False
+    return result, {os.path.realpath(os.path.join(cwd, p)) for p, cwd in _AUDIT["opened"]}
+
+
+def test_build_and_report_never_open_paths_the_metadata_points_outside(tmp_path):
+    src = tmp_path / "src"
+    _img(src / "ok.jpg", quality=95)
+    outside = _img(tmp_path / "outside" / "secret.png")          # a real image: the report would draw it
+    (src / "link.jpg").symlink_to(outside)                          # unlisted symlink out of the folder
+    rows = ["ok.jpg", "../outside/secret.png", str(outside), "../../../../../../etc/passwd", "/etc/hostname",
+            "link.jpg"]
+    (src / "metadata.csv").write_text("file_name,text\n" + "".join(f"{r},说明\n" for r in rows),
+                                      encoding="utf-8")
+    out = tmp_path / "build" / "out"
+    res, opened = _opened_during(lambda: build_training_set(str(src), out, recipe=Recipe(min_width=8,
+                                                                                         min_height=8)))
+    assert (out / "report" / "preview.png").is_file()        # the report (with its thumbnails) was drawn
+    assert res.n_out == 1
+    refused = {d["id"] for d in res.dropped if "outside the dataset folder" in d["reason"]}
+    assert refused == set(rows) - {"ok.jpg"}
+    forbidden = {str(outside.resolve()), "/etc/passwd", "/etc/hostname"}
+    assert not opened & forbidden, f"opened outside the source folder: {opened & forbidden}"
+    assert not [p for p in opened if p.startswith(str((tmp_path / "outside").resolve()))]
+
+
+def test_data_juicer_style_metadata_jsonl_is_accepted(tmp_path):
+    src = tmp_path / "src"
+    _img(src / "images" / "a.jpg", quality=95)
+    _img(src / "images" / "b.jpg", colour=(20, 200, 20), quality=95)
+    (src / "metadata.jsonl").write_text(
+        '{"images": ["images/a.jpg"], "text": "<__dj__image> 一只猫 <|__dj__eoc|>"}\n'
+        '{"images": ["images/b.jpg"], "text": "一只狗"}\n', encoding="utf-8")
+    res = build_training_set(str(src), tmp_path / "out", recipe=Recipe(min_width=8, min_height=8))
+    assert res.n_out == 2 and not res.dropped
+    assert sorted(t for _, t in dataset.read_training_set(tmp_path / "out")) == ["一只狗", "一只猫"]
+
+
+@pytest.mark.parametrize("row, says", [
+    ('{"images": ["a.jpg", "b.jpg"], "text": "两张"}', "2 images"),
+    ('{"text": "没有图片"}', "neither"),
+    ('{"images": [], "text": "空"}', "0 images"),
+    ('{"file_name": 3, "text": "数字"}', "text"),
+    ('["a.jpg", "列表"]', "JSON object"),
+])
+def test_metadata_jsonl_row_that_names_no_single_image_is_refused_clearly(tmp_path, row, says):
+    src = tmp_path / "src"
+    _img(src / "a.jpg", quality=95)
+    _img(src / "b.jpg", quality=95)
+    (src / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "好"}\n' + row + "\n",
+                                        encoding="utf-8")
+    with pytest.raises(data_sources.SourceError) as err:
+        build_training_set(str(src), tmp_path / "out", recipe=Recipe(min_width=8, min_height=8))
+    msg = str(err.value)
+    assert str(src / "metadata.jsonl") in msg and "line 2" in msg and says in msg
+    assert "file_name" in msg and '"images"' in msg            # the layouts it does accept
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_not_listed_in_the_metadata_are_kept_and_counted(tmp_path):
+    src = tmp_path / "src"
+    _img(src / "a.jpg", quality=95)
+    _img(src / "b.jpg", colour=(20, 20, 200), quality=95)
+    _img(src / "more" / "c.png", colour=(20, 200, 20))
+    (src / "metadata.csv").write_text("file_name,text\na.jpg,一只猫\n", encoding="utf-8")
+    r = Recipe(min_width=8, min_height=8)
+    res = build_training_set(str(src), tmp_path / "o1", recipe=r, captions=Captions(trigger="T"))
+    assert res.n_out == 3
+    kept = {k["id"]: k for k in res.report["kept"]}
+    assert kept["a.jpg"]["caption"] == "T，一只猫"
+    for name in ("b.jpg", "more/c.png"):
+        assert "not listed in metadata" in kept[name]["notes"]
+        assert "caption from template" in kept[name]["notes"] and "构图" in kept[name]["caption"]
+    inp = res.report["input"]
+    assert inp["unlisted_images"] == 2 and "kept" in inp["unlisted_decision"]
+    # without a fallback caption they are dropped, with that reason, and still counted
+    res = build_training_set(str(src), tmp_path / "o2", recipe=r, captions=Captions(fallback=None))
+    assert res.n_out == 1
+    assert {d["id"]: d["reason"] for d in res.dropped} == {
+        "b.jpg": "not listed in metadata (and Captions(fallback=None) drops uncaptioned images)",
+        "more/c.png": "not listed in metadata (and Captions(fallback=None) drops uncaptioned images)"}
+    assert res.report["input"]["unlisted_images"] == 2
+    assert "dropped" in res.report["input"]["unlisted_decision"]
+
+
+def test_when_both_metadata_files_exist_the_choice_is_said_and_recorded(tmp_path, capsys):
+    src = tmp_path / "src"
+    _img(src / "a.jpg", quality=95)
+    (src / "metadata.csv").write_text("file_name,text\na.jpg,来自csv\n", encoding="utf-8")
+    (src / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "来自jsonl"}\n', encoding="utf-8")
+    res = build_training_set(str(src), tmp_path / "out", recipe=Recipe(min_width=8, min_height=8))
+    assert [t for _, t in dataset.read_training_set(tmp_path / "out")] == ["来自jsonl"]
+    said = capsys.readouterr().out
+    assert "metadata.jsonl" in said and "metadata.csv" in said and "ignor" in said
+    inp = json.loads((tmp_path / "out" / "report" / "report.json").read_text(encoding="utf-8"))["input"]
+    assert inp["metadata_file"] == "metadata.jsonl" and inp["ignored_metadata"] == ["metadata.csv"]
+    assert res.report["input"] == inp
+
+
+def test_metadata_rows_and_image_files_are_counted_apart(tmp_path):
+    src = tmp_path / "src"
+    _img(src / "a.jpg", quality=95)
+    _img(src / "b.jpg", colour=(20, 20, 200), quality=95)
+    (src / "metadata.csv").write_text("file_name,text\na.jpg,好\nb.jpg,好\ngone.jpg,没有\n../x.jpg,外面\n",
+                                      encoding="utf-8")
+    res = build_training_set(str(src), tmp_path / "out", recipe=Recipe(min_width=8, min_height=8))
+    assert res.n_in == 2 and res.n_out == 2                 # two images, not four
+    inp = res.report["input"]
+    assert (inp["metadata_rows"], inp["rows_refused"], inp["rows_missing_file"], inp["image_files"]) == \
+        (4, 1, 1, 2)
+    assert "2 images in" in res.summary() and "4 metadata rows" in res.summary()
+
+
+def test_shape_filter_reason_names_the_failing_side():
+    r = Recipe(min_width=256, min_height=256)
+    reason = dataset._reason("image_shape_filter", {"image_width": [2000], "image_height": [200]}, r)
+    assert reason == "height 200 px < 256 px"
+    reason = dataset._reason("image_shape_filter", {"image_width": [100], "image_height": [900]}, r)
+    assert reason == "width 100 px < 256 px"
+    reason = dataset._reason("image_shape_filter", {"image_width": [100], "image_height": [200]}, r)
+    assert reason == "width 100 px < 256 px, height 200 px < 256 px"
+
+
+def test_an_out_folder_inside_the_source_is_not_read_back_as_images(tmp_path):
+    src = tmp_path / "src"
+    _img(src / "a.jpg", quality=95)
+    _img(src / "b.jpg", colour=(20, 20, 200), quality=95)
+    (src / "metadata.csv").write_text("file_name,text\na.jpg,一只猫\nb.jpg,一只狗\n", encoding="utf-8")
+    r = Recipe(min_width=8, min_height=8)
+    build_training_set(str(src), src / "built", recipe=r)
+    again = build_training_set(str(src), src / "built", recipe=r)    # built/train/*.jpg now lie in src
+    assert again.n_in == 2 and again.report["input"]["unlisted_images"] == 0
