@@ -6,13 +6,26 @@ import sys
 
 
 def _parse_value(text: str):
-    """Parameter values typed on the command line: YAML scalars (safe_load)."""
+    """Parameter values typed on the command line: YAML scalars and lists (safe_load).
+
+    YAML 1.1 reads ``1e-4`` (no dot) as a string; a value that Python reads as a
+    number is a number, in every common notation.
+    """
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if value.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity"):
+            return value
+        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+    return value
 
 
 def cmd_run(args) -> int:

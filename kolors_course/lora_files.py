@@ -100,22 +100,34 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
     os.replace(tmp, path)
 
 
+def lora_metadata(rank: int, alpha: float, base_model: str = "Kwai-Kolors/Kolors",
+                  trigger_words: list[str] | None = None, training: dict | None = None) -> dict[str, str]:
+    """What every LoRA file of the kit carries: rank, alpha (so the training scale travels), origin."""
+    return {"format": "pt", "kolors_course.format": FORMAT, "lora_rank": str(rank),
+            "lora_alpha": str(float(alpha)), "lora_scale": str(float(alpha) / rank),
+            "base_model": base_model, "trigger_words": json.dumps(trigger_words or [], ensure_ascii=False),
+            "training": json.dumps(training or {}, ensure_ascii=False),
+            "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha)),
+            "ss_network_module": "networks.lora", "ss_base_model_version": "kolors"}
+
+
+def save_diffsynth_lora(pairs: dict, path: str | os.PathLike, metadata: dict) -> Path:
+    """The peft-named layout DiffSynth's ``load_lora`` reads (also used for checkpoints)."""
+    peft = {}
+    for module, (a, b) in pairs.items():
+        peft[f"{module}.lora_A.weight"] = a
+        peft[f"{module}.lora_B.weight"] = b
+    _atomic_save(peft, Path(path), dict(metadata, layout="diffsynth-peft"))
+    return Path(path)
+
+
 def export_lora(pairs: dict, rank: int, alpha: float, out_dir: str | os.PathLike, name: str,
                 unet_config_path: str | os.PathLike, base_model: str = "Kwai-Kolors/Kolors",
                 trigger_words: list[str] | None = None, training: dict | None = None) -> dict[str, Path]:
     """Write both layouts; returns {"diffsynth": path, "kohya": path}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "kolors_course.format": FORMAT, "lora_rank": str(rank),
-            "lora_alpha": str(float(alpha)), "lora_scale": str(float(alpha) / rank),
-            "base_model": base_model, "trigger_words": json.dumps(trigger_words or [], ensure_ascii=False),
-            "training": json.dumps(training or {}, ensure_ascii=False),
-            "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha)),
-            "ss_network_module": "networks.lora", "ss_base_model_version": "kolors"}
-    peft = {}
-    for module, (a, b) in pairs.items():
-        peft[f"{module}.lora_A.weight"] = a
-        peft[f"{module}.lora_B.weight"] = b
+    meta = lora_metadata(rank, alpha, base_model, trigger_words, training)
     mapping = diffusers_module_map(unet_config_path)
     kohya = {}
     for module, (a, b) in pairs.items():
@@ -126,7 +138,7 @@ def export_lora(pairs: dict, rank: int, alpha: float, out_dir: str | os.PathLike
         kohya[f"{k}.lora_up.weight"] = b
         kohya[f"{k}.alpha"] = torch.tensor(float(alpha))
     paths = {"diffsynth": out_dir / f"{name}.safetensors", "kohya": out_dir / f"{name}_kohya.safetensors"}
-    _atomic_save(peft, paths["diffsynth"], dict(meta, layout="diffsynth-peft"))
+    save_diffsynth_lora(pairs, paths["diffsynth"], meta)
     _atomic_save(kohya, paths["kohya"], dict(meta, layout="kohya"))
     return paths
 

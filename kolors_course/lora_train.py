@@ -16,6 +16,7 @@ once up front and then leave the GPU, which is what brings memory down.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -23,6 +24,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -68,6 +70,54 @@ class TrainConfig:
     trigger_words: tuple = ()
 
     @classmethod
+    def coerce(cls, name: str, value):
+        """``value`` as the type of field ``name``: "1e-4" for a float, "1e3" for an int, "yes" for a bool.
+
+        Settings arrive as text from the command line and from papermill parameters;
+        YAML reads ``1e-4`` as a string, so numbers in any common notation are converted
+        here, and a value of the wrong kind gets a message instead of a TypeError later.
+        """
+        kinds = {f.name: str(f.type) for f in fields(cls)}
+        if name not in kinds:
+            raise TypeError(f"unknown training setting {name!r}; known: {sorted(kinds)}")
+        kind = kinds[name]
+        if value is None and "None" in kind:
+            return None
+        base = kind.split("|")[0].strip()
+        try:
+            if base == "bool":
+                if isinstance(value, bool):
+                    return value
+                text = str(value).strip().lower()
+                if text in ("true", "yes", "on", "1"):
+                    return True
+                if text in ("false", "no", "off", "0"):
+                    return False
+                raise ValueError
+            if base in ("int", "float"):
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    raise ValueError
+                number = float(value)
+                if base == "float":
+                    return number
+                if not number.is_integer():
+                    raise ValueError
+                return int(number)
+            if base == "str":
+                if not isinstance(value, str):
+                    raise ValueError
+                return value
+            if base == "tuple":
+                return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        except (TypeError, ValueError, OverflowError):
+            pass
+        else:
+            return value
+        expected = {"bool": "true or false", "int": "a whole number such as 500",
+                    "float": "a number such as 1e-4 or 0.0001", "str": "text"}.get(base, base)
+        raise TrainingError(f"{name}={value!r}: expected {expected}")
+
+    @classmethod
     def for_profile(cls, profile: Profile, **overrides) -> "TrainConfig":
         base = dict(rank=profile.lora_rank, alpha=profile.lora_alpha, learning_rate=profile.learning_rate,
                     max_steps=profile.train_steps, batch_size=profile.batch_size,
@@ -79,13 +129,12 @@ class TrainConfig:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise TypeError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
-        base.update(overrides)
-        for k in ("target_modules", "validation_prompts", "validation_seeds", "trigger_words"):
-            if k in base and isinstance(base[k], list):
-                base[k] = tuple(base[k])
+        base.update({k: cls.coerce(k, v) for k, v in overrides.items()})
         return cls(**base)
 
     def validate(self) -> None:
+        for f in fields(self):          # a TrainConfig built directly gets the same type checks
+            setattr(self, f.name, self.coerce(f.name, getattr(self, f.name)))
         problems = []
         if not isinstance(self.rank, int) or self.rank < 1:
             problems.append(f"rank={self.rank!r}: use a positive integer (4-64; the course uses 16)")
@@ -120,6 +169,7 @@ class TrainResult:
     samples: list = field(default_factory=list)
     fixed_loss_before: float | None = None
     fixed_loss_after: float | None = None
+    peak_training_gb: float = 0.0
 
     def summary(self) -> str:
         first = sum(self.losses[:5]) / max(len(self.losses[:5]), 1)
@@ -129,8 +179,9 @@ class TrainResult:
                  f"training loss (noisy): first steps {first:.4f} -> last steps {last:.4f}",
                  (f"loss on a fixed set: {self.fixed_loss_before:.4f} before -> {self.fixed_loss_after:.4f} after"
                   if self.fixed_loss_before is not None else
-                  f"loss on a fixed set after training: {self.fixed_loss_after:.4f}"),
-                 f"peak memory: {self.peak_memory_gb:.2f} GB"]
+                  f"loss on a fixed set after training: {self.fixed_loss_after:.4f} (before: not measured, "
+                  "the run resumed from a checkpoint that did not record it)"),
+                 f"peak memory: {self.peak_memory_gb:.2f} GB (training loop alone: {self.peak_training_gb:.2f} GB)"]
         lines += [f"{k}: {relative_to_root(v)}" for k, v in self.files.items()]
         return "\n".join(lines)
 
@@ -154,7 +205,7 @@ def estimate_gpu_memory_gb(cfg: TrainConfig, unet_params: float = 2.58e9) -> flo
     with batch x resolution^2 (about 4x smaller with gradient checkpointing).
     Measured figures are in the README; this is for the pre-flight check only.
     """
-    weights = unet_params * 2 / 2**30
+    weights = unet_params * 2 / 1e9
     act_per_image_1024 = 3.0 if cfg.gradient_checkpointing else 14.0
     acts = act_per_image_1024 * cfg.batch_size * (cfg.resolution / 1024) ** 2
     lora = 0.3 * cfg.rank / 16
@@ -166,7 +217,7 @@ def preflight(cfg: TrainConfig, device: str) -> list[str]:
     if device == "cpu":
         return []
     need = estimate_gpu_memory_gb(cfg)
-    free = torch.cuda.mem_get_info()[0] / 2**30
+    free = torch.cuda.mem_get_info()[0] / 1e9
     if need <= free * 0.95:
         return []
     advice = [f"These settings need about {need:.1f} GB of GPU memory and {free:.1f} GB is free."]
@@ -320,43 +371,151 @@ def load_lora_state(unet, state: dict) -> None:
 
 
 # --- checkpoints -------------------------------------------------------------------
+#: settings a resumed run may change: none of them alters what the finished steps computed
+RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "keep_last", "validate_every",
+                     "validation_prompts", "validation_seeds", "trigger_words")
+
+
+def config_record(cfg: TrainConfig) -> dict:
+    """The settings as plain JSON values (tuples as lists), as stored in files."""
+    return json.loads(json.dumps(asdict(cfg), ensure_ascii=False))
+
+
+def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
+    """Settings of ``cfg`` that differ from a checkpoint's and would make a resume inexact."""
+    now = config_record(cfg)
+    out = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+           for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+    if saved.get("max_steps") != now["max_steps"] and cfg.lr_scheduler in ("linear", "cosine"):
+        out.append(f"max_steps: {saved.get('max_steps')} in the checkpoint, {now['max_steps']} now "
+                   f"(the {cfg.lr_scheduler} learning-rate schedule is laid out over max_steps)")
+    return out
+
+
+def dataset_fingerprint(rows) -> str:
+    """Captions, file names and sizes: a resume on a changed training set would not be exact."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path, text in rows:
+        h.update(f"{Path(path).name}\0{Path(path).stat().st_size}\0{text}\n".encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def _all_finite(tensors) -> bool:
+    tensors = list(tensors)
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
 def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir()
                   and not p.name.endswith(".tmp") and (p / "state.pt").exists())
 
 
-def save_checkpoint(run_dir: Path, step: int, unet, optimizer, scheduler, gen, stream,
-                    losses: list, keep_last: int) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically, then drop all but the last ``keep_last``."""
-    from safetensors.torch import save_file
+@dataclass
+class RunState:
+    """Everything a checkpoint restores besides the model and optimizer: where the run is."""
+    step: int = 0
+    losses: list = field(default_factory=list)
+    fixed_loss_before: float | None = None
+    resumed_from: int | None = None
 
-    final = run_dir / "checkpoints" / f"step-{step:06d}"
+
+def save_checkpoint(run_dir: Path, state: RunState, unet, optimizer, lr_schedule, gen, stream,
+                    cfg: TrainConfig, meta: dict, dataset: str) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically, then drop all but the last ``cfg.keep_last``.
+
+    The LoRA inside carries the same metadata as an exported one (rank, alpha), so
+    loading a checkpoint to look at an earlier step uses the trained strength.
+    """
+    from .lora_files import lora_pairs_from_peft, save_diffsynth_lora
+
+    weights = lora_state(unet)
+    if not _all_finite(weights.values()):
+        # a NaN/inf weight must never become "the last good checkpoint"
+        raise TrainingError(f"the LoRA weights became NaN or infinite by step {state.step}: training diverged. "
+                            f"Lower learning_rate (now {cfg.learning_rate}), e.g. to {cfg.learning_rate / 10:g}.")
+    final = run_dir / "checkpoints" / f"step-{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(lora_state(unet), str(tmp / "lora.safetensors"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "generator": gen.get_state(), "cursor": stream.cursor, "losses": list(losses)},
+    save_diffsynth_lora(lora_pairs_from_peft(weights), tmp / "lora.safetensors",
+                        dict(meta, checkpoint_step=str(state.step)))
+    torch.save({"step": state.step, "optimizer": optimizer.state_dict(), "scheduler": lr_schedule.state_dict(),
+                "generator": gen.get_state(), "cursor": stream.cursor, "losses": list(state.losses),
+                "fixed_loss_before": state.fixed_loss_before, "config": json.dumps(config_record(cfg)),
+                "dataset": dataset},
                tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in _checkpoints(run_dir)[:-keep_last]:
+    for old in _checkpoints(run_dir)[:-cfg.keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(ckpt: Path, unet, optimizer, scheduler, gen, stream) -> tuple[int, list]:
+def read_checkpoint(ckpt: Path) -> dict:
+    """A checkpoint's state (our own file, loaded without unpickling arbitrary objects)."""
+    return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+
+
+def check_resumable(ckpt: Path, state: dict, cfg: TrainConfig, dataset: str) -> None:
+    """Refuse a resume that would silently train with other settings or data than recorded."""
+    problems = []
+    if "config" in state:
+        problems += changed_settings(json.loads(state["config"]), cfg)
+    if state.get("dataset") not in (None, dataset):
+        problems.append("the training set changed (captions, files or sizes) since the checkpoint")
+    if problems:
+        raise TrainingError(
+            f"{relative_to_root(ckpt)} was trained with other settings, so resuming would not continue "
+            "the same run:\n  - " + "\n  - ".join(problems) +
+            "\nUse the checkpoint's settings to resume, or start a fresh run (another run_name, or "
+            "overwrite=True).")
+
+
+def load_checkpoint(ckpt: Path, state: dict, unet, optimizer, lr_schedule, gen, stream) -> RunState:
     from safetensors.torch import load_file
 
-    load_lora_state(unet, load_file(str(ckpt / "lora.safetensors")))
-    # our own file, and still loaded without unpickling arbitrary objects
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    weights = load_file(str(ckpt / "lora.safetensors"))
+    if not _all_finite(weights.values()):
+        raise TrainingError(f"{relative_to_root(ckpt)} holds NaN or infinite weights (written by an older "
+                            "version before a divergence): delete it and run again")
+    load_lora_state(unet, weights)
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    lr_schedule.load_state_dict(state["scheduler"])
     gen.set_state(state["generator"])
     stream.cursor = state["cursor"]
-    return state["step"], list(state["losses"])
+    return RunState(step=state["step"], losses=list(state["losses"]),
+                    fixed_loss_before=state.get("fixed_loss_before"), resumed_from=state["step"])
+
+
+def run_finished(run_dir: Path) -> bool:
+    """Finished means every exported file exists: ``summary.json`` is written last and lists them."""
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return False
+    try:
+        files = json.loads(summary.read_text(encoding="utf-8")).get("files", {})
+    except (ValueError, OSError):
+        return False
+    return bool(files) and all(project_path(f).is_file() for f in files.values())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _swap_into_place(new: Path, final: Path) -> None:
+    """Replace ``final`` by the complete folder ``new``; the old run is removed only afterwards."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- the loop ----------------------------------------------------------------------
@@ -370,6 +529,50 @@ def _optimizer(params, cfg: TrainConfig):
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+class PeakMemory:
+    """Peak memory of the run in GB (10^9 bytes): GPU allocations on CUDA, resident size on a CPU.
+
+    The GPU counter is not reset while models are loaded or prompts encoded, so the
+    peak counts everything the card had to hold; ``phase()`` also reports the peak
+    of a part (the training loop) on its own.
+    """
+
+    def __init__(self, device: str):
+        self.cuda = device != "cpu"
+        self.overall = 0.0
+
+    def now_peak(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 1e9
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9   # ru_maxrss is KiB
+
+    @contextmanager
+    def phase(self, out: dict, name: str):
+        self.overall = max(self.overall, self.now_peak())
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            yield
+        finally:
+            out[name] = self.now_peak()
+            self.overall = max(self.overall, out[name])
+
+
+def _check_data(data: list, cfg: TrainConfig, processes: int) -> None:
+    if cfg.batch_size * processes > len(data):
+        raise TrainingError(
+            f"batch_size={cfg.batch_size}" + (f" on {processes} processes" if processes > 1 else "") +
+            f" is larger than the training set ({len(data)} images): every batch would repeat images. "
+            f"Use batch_size <= {max(1, len(data) // processes)}, and grad_accum for a larger effective batch.")
+    empty = sum(1 for item in data if not item["text"].strip())
+    if empty:
+        warnings.warn(f"{empty} of {len(data)} training captions are empty: those images train the model "
+                      "without any prompt. Add captions (notebook 02's caption editor) unless that is intended.",
+                      stacklevel=3)
+
+
 def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | os.PathLike,
                cfg: TrainConfig | None = None, resume: str | bool = "auto", overwrite: bool = False,
                callback=None, pipe=None) -> TrainResult:
@@ -377,7 +580,8 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
 
     ``resume``: "auto" continues from the latest checkpoint if there is one,
     True requires one, False refuses to touch a folder with checkpoints.
-    ``callback(step, loss)`` is called after every optimizer step.
+    ``overwrite=True`` trains afresh beside the old run and replaces it only once
+    the new one is complete.  ``callback(step, loss)`` is called after every step.
     """
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
@@ -388,18 +592,29 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     cfg = cfg or TrainConfig.for_profile(profile)
     cfg.validate()
     rows = read_training_set(dataset_dir)
-    run_dir = project_path(run_dir)
-    final_file = run_dir / "lora.safetensors"
+    final_dir = project_path(run_dir)
+    if overwrite:
+        if resume is True:
+            raise TrainingError("overwrite=True starts a fresh run, resume=True continues one: choose one")
+        # a fresh run beside the old one; the old one stays until the new one is complete
+        run_dir = final_dir.with_name(f".{final_dir.name}.new")
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        run_dir = final_dir
+        if run_finished(run_dir):
+            raise TrainingError(f"{relative_to_root(run_dir)} already holds a finished LoRA; choose another "
+                                "run_name, or pass overwrite=True to train it again")
     ckpts = _checkpoints(run_dir)
-    if final_file.exists() and not overwrite:
-        raise TrainingError(f"{relative_to_root(run_dir)} already holds a finished LoRA; choose another "
-                            "run_name, or pass overwrite=True to train it again")
     if ckpts and resume is False:
         raise TrainingError(f"{relative_to_root(run_dir)} has checkpoints; pass resume=True to continue "
-                            "them, or choose another run_name")
+                            "them, overwrite=True to start afresh, or choose another run_name")
     if resume is True and not ckpts:
         raise TrainingError(f"nothing to resume in {relative_to_root(run_dir)}: no checkpoint found")
-    run_dir.mkdir(parents=True, exist_ok=True)   # an old LoRA stays until the new one replaces it
+    dataset = dataset_fingerprint(rows)
+    saved = read_checkpoint(ckpts[-1]) if ckpts else None
+    if saved is not None:
+        check_resumable(ckpts[-1], saved, cfg, dataset)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     cpu = profile.device == "cpu" or not torch.cuda.is_available()
     precision = resolve_precision(cfg.precision, "cpu" if cpu else "cuda")
@@ -407,95 +622,126 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     # created first: under `accelerate launch` it picks this process's GPU
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
     main = accelerator.is_main_process
+    if pipe is None and not cpu:
+        torch.cuda.reset_peak_memory_stats()    # the peak counts the models' load
     pipe = pipe or load_pipeline(profile, device=str(accelerator.device))
     device = str(pipe.device)
+    memory, peaks = PeakMemory(device), {}
     if main:
         for line in preflight(cfg, device):
             print("memory: " + line)
-        (run_dir / "train_config.json").write_text(json.dumps(
-            dict(asdict(cfg), profile=profile.name, dataset=relative_to_root(project_path(dataset_dir)),
-                 precision_used=precision, n_images=len(rows), processes=accelerator.num_processes),
-            indent=2, ensure_ascii=False), encoding="utf-8")
+        # written after the resume check: it records the settings this run really uses
+        _write_json(run_dir / "train_config.json", dict(
+            config_record(cfg), profile=profile.name, dataset=relative_to_root(project_path(dataset_dir)),
+            dataset_fingerprint=dataset, precision_used=precision, n_images=len(rows),
+            processes=accelerator.num_processes))
 
     data = prepare_data(pipe, rows, cfg, device, pipe.torch_dtype)
+    _check_data(data, cfg, accelerator.num_processes)
     if device != "cpu":        # frozen parts leave the GPU once their work is cached
         pipe.text_encoder_kolors.to("cpu")
         if cfg.cache_latents:
             pipe.vae_encoder.to("cpu")
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     unet = pipe.unet
     params = add_lora(unet, cfg)
     optimizer = _optimizer(params, cfg)
-    lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                             num_training_steps=cfg.max_steps)
-    unet_t, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
+    lr_schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                num_training_steps=cfg.max_steps)
+    unet_t, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
 
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(scheduler.num_train_timesteps, training=True)
+    # Training draws timesteps from its own copy of the noise schedule: a validation
+    # image calls the pipeline, which sets pipe.scheduler to the few inference timesteps.
+    noise_schedule = copy.deepcopy(pipe.scheduler)
+    noise_schedule.set_timesteps(noise_schedule.num_train_timesteps, training=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     stream = SampleStream(len(data), cfg.seed, shard=(accelerator.process_index, accelerator.num_processes))
-    step, losses, resumed_from = 0, [], None
-    if ckpts and resume in ("auto", True):
-        step, losses = load_checkpoint(ckpts[-1], unet, optimizer, lr_sched, gen, stream)
-        resumed_from = step
-        print(f"resuming from {relative_to_root(ckpts[-1])} (step {step} of {cfg.max_steps})")
+    state = RunState()
+    if saved is not None and resume in ("auto", True):
+        state = load_checkpoint(ckpts[-1], saved, unet, optimizer, lr_schedule, gen, stream)
+        print(f"resuming from {relative_to_root(ckpts[-1])} (step {state.step} of {cfg.max_steps})")
+    else:
+        state.fixed_loss_before = fixed_set_loss(unet, data, pipe, noise_schedule, cfg)
+    meta = _lora_file_metadata(cfg, profile)
 
-    eval_before = fixed_set_loss(unet, data, pipe, scheduler, cfg) if resumed_from is None else None
     samples = []
     t0 = time.perf_counter()
-    start_step = step
-    bar = progress(total=cfg.max_steps, initial=step, desc="training LoRA")
+    start_step = state.step
+    bar = progress(total=cfg.max_steps, initial=state.step, desc="training LoRA")
     unet.train()
     try:
-        while step < cfg.max_steps:
-            for _ in range(cfg.grad_accum):
-                with accelerator.accumulate(unet_t):
-                    loss = _micro_step(unet_t, data, stream.next(cfg.batch_size), cfg, pipe, scheduler,
-                                       gen, accelerator)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    lr_sched.step()
-                    optimizer.zero_grad(set_to_none=True)
-            step += 1
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"the loss became {value} at step {step}: training diverged. Lower learning_rate "
-                    f"(now {cfg.learning_rate}), e.g. to {cfg.learning_rate / 10:g}. Nothing was exported; "
-                    "the last good checkpoint is kept.")
-            losses.append(value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-            if callback is not None:
-                callback(step, value)
-            if main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
-                save_checkpoint(run_dir, step, unet, optimizer, lr_sched, gen, stream, losses, cfg.keep_last)
-            if main and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
-                samples.append((step, validation_images(pipe, unet, cfg, run_dir, step)))
+        with memory.phase(peaks, "training_loop"):
+            while state.step < cfg.max_steps:
+                micro = []
+                for _ in range(cfg.grad_accum):
+                    with accelerator.accumulate(unet_t):
+                        loss = _micro_step(unet_t, data, stream.next(cfg.batch_size), cfg, pipe, noise_schedule,
+                                           gen, accelerator)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and cfg.max_grad_norm:
+                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        optimizer.step()
+                        lr_schedule.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    micro.append(float(loss.detach()))
+                state.step += 1
+                value = sum(micro) / len(micro)      # the step's loss: the mean over its micro-batches
+                if not math.isfinite(value) or not _all_finite(params):
+                    raise TrainingError(
+                        f"the loss became {value} at step {state.step} (or the weights NaN/infinite): training "
+                        f"diverged. Lower learning_rate (now {cfg.learning_rate}), e.g. to "
+                        f"{cfg.learning_rate / 10:g}, and start afresh (overwrite=True or another run_name). "
+                        "Nothing was exported; the checkpoints kept hold finite weights from before.")
+                state.losses.append(value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}")
+                if callback is not None:
+                    callback(state.step, value)
+                if main and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps):
+                    save_checkpoint(run_dir, state, unet, optimizer, lr_schedule, gen, stream, cfg, meta, dataset)
+                if (main and cfg.validate_every and state.step % cfg.validate_every == 0
+                        and state.step < cfg.max_steps):
+                    samples.append((state.step, validation_images(pipe, unet, cfg, run_dir, state.step)))
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() / 2**30) if device != "cpu" else _peak_rss_gb()
     accelerator.wait_for_everyone()
-    eval_after = fixed_set_loss(unet, data, pipe, scheduler, cfg)
-    files = {}
-    if main:
-        samples.append((step, validation_images(pipe, unet, cfg, run_dir, step)))
-        files = finish_run(run_dir, unet, cfg, profile, losses, pipe)
-    res = TrainResult(run_dir, step, losses, files, seconds, seconds / max(step - start_step, 1), peak,
-                      resumed_from, samples, eval_before, eval_after)
+    with memory.phase(peaks, "export"):
+        eval_after = fixed_set_loss(unet, data, pipe, noise_schedule, cfg)
+        files = {}
+        if main:
+            samples.append((state.step, validation_images(pipe, unet, cfg, run_dir, state.step)))
+            files = finish_run(run_dir, unet, cfg, profile, state.losses, pipe, meta)
+    res = TrainResult(final_dir, state.step, state.losses, files, seconds,
+                      seconds / max(state.step - start_step, 1), memory.overall, state.resumed_from, samples,
+                      state.fixed_loss_before, eval_after, peak_training_gb=peaks["training_loop"])
     if not main:
         return res
-    (run_dir / "summary.json").write_text(json.dumps({
-        "steps": step, "seconds": round(seconds, 2), "seconds_per_step": round(res.seconds_per_step, 4),
-        "peak_memory_gb": round(peak, 3), "resumed_from": resumed_from,
-        "fixed_set_loss_before": eval_before, "fixed_set_loss_after": eval_after,
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "files": {k: relative_to_root(v) for k, v in files.items()}}, indent=2), encoding="utf-8")
+    # summary.json is written last: its presence, with every file it lists, marks the run finished
+    _write_json(run_dir / "summary.json", {
+        "steps": state.step, "seconds": round(seconds, 2), "seconds_per_step": round(res.seconds_per_step, 4),
+        "peak_memory_gb": round(memory.overall, 3), "peak_training_loop_gb": round(peaks["training_loop"], 3),
+        "memory_measure": "GPU allocations (GB, 10^9 bytes)" if memory.cuda else "process resident size (GB)",
+        "resumed_from": state.resumed_from,
+        "fixed_set_loss_before": state.fixed_loss_before, "fixed_set_loss_after": eval_after,
+        "fixed_set_loss_before_note": None if state.fixed_loss_before is not None else
+        "not measured: resumed from a checkpoint written before the kit stored it",
+        "first_loss": state.losses[0] if state.losses else None,
+        "last_loss": state.losses[-1] if state.losses else None,
+        "files": {k: relative_to_root(final_dir / Path(v).relative_to(run_dir)) for k, v in files.items()}})
+    if run_dir != final_dir:
+        _swap_into_place(run_dir, final_dir)
+        res.files = {k: final_dir / Path(v).relative_to(run_dir) for k, v in files.items()}
     return res
+
+
+def _lora_file_metadata(cfg: TrainConfig, profile: Profile) -> dict:
+    from .lora_files import lora_metadata
+
+    training = {k: v for k, v in config_record(cfg).items() if k != "validation_prompts"}
+    return lora_metadata(cfg.rank, cfg.alpha,
+                         base_model=profile.kolors_model_id if profile.name != "tiny" else "kolors-course/tiny-kolors",
+                         trigger_words=list(cfg.trigger_words), training=training)
 
 
 def _micro_step(unet_t, data, idx, cfg, pipe, scheduler, gen, accelerator):
@@ -561,12 +807,6 @@ def fixed_set_loss(unet, data, pipe, scheduler, cfg: TrainConfig, n_items: int =
     return total / count
 
 
-def _peak_rss_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 @torch.no_grad()
 def validation_images(pipe, unet, cfg: TrainConfig, run_dir: Path, step: int):
     """Images for the fixed validation prompts and seeds, with the LoRA as it is now."""
@@ -589,16 +829,15 @@ def validation_images(pipe, unet, cfg: TrainConfig, run_dir: Path, step: int):
     return images
 
 
-def finish_run(run_dir: Path, unet, cfg: TrainConfig, profile: Profile, losses: list, pipe) -> dict:
+def finish_run(run_dir: Path, unet, cfg: TrainConfig, profile: Profile, losses: list, pipe, meta: dict) -> dict:
     """Export both LoRA layouts and the loss curve."""
     from .lora_files import export_lora, lora_pairs_from_peft
-    from .models import model_files
+    from .models import unet_config_path
 
     pairs = lora_pairs_from_peft(lora_state(unet))
-    training = {k: v for k, v in asdict(cfg).items() if k not in ("validation_prompts",)}
-    paths = export_lora(pairs, cfg.rank, cfg.alpha, run_dir, "lora", model_files(profile).unet.with_name("config.json"),
-                        base_model=profile.kolors_model_id if profile.name != "tiny" else "kolors-course/tiny-kolors",
-                        trigger_words=list(cfg.trigger_words), training=training)
+    training = json.loads(meta["training"])
+    paths = export_lora(pairs, cfg.rank, cfg.alpha, run_dir, "lora", unet_config_path(pipe),
+                        base_model=meta["base_model"], trigger_words=list(cfg.trigger_words), training=training)
     with (run_dir / "loss.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "loss"])

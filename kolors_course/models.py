@@ -292,6 +292,17 @@ def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
     return pipe
 
 
+def unet_config_path(pipe) -> Path:
+    """The diffusers ``config.json`` beside the UNet file this pipeline was loaded from.
+
+    Taken from the model manager rather than the profile's cache, so that a
+    pipeline loaded from elsewhere (random weights, a rehearsal cache) exports
+    LoRA names for the UNet it really has.
+    """
+    mm = pipe.kit_model_manager
+    return Path(mm.model_path[mm.model_name.index("sdxl_unet")]).with_name("config.json")
+
+
 # --- random-weight pipelines, for measuring memory and speed ---------------------------
 KOLORS_UNET_CONFIG = dict(
     _class_name="UNet2DConditionModel", sample_size=128, in_channels=4, out_channels=4,

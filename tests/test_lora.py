@@ -56,7 +56,8 @@ def test_metadata_travels_with_both_files(trained):
 
 
 def test_resumed_run_matches_uninterrupted(tiny, dataset_dir, tmp_path):
-    cfg = TrainConfig.for_profile(tiny, max_steps=12, checkpoint_every=4, validate_every=None,
+    # validation images between checkpoints: they must not disturb training or its resume
+    cfg = TrainConfig.for_profile(tiny, max_steps=12, checkpoint_every=4, validate_every=3,
                                   learning_rate=5e-3)
     full = train_lora(tiny, dataset_dir, tmp_path / "full", cfg)
 
@@ -77,6 +78,8 @@ def test_resumed_run_matches_uninterrupted(tiny, dataset_dir, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert full.losses == pytest.approx(resumed.losses, rel=1e-5)
+    # the loss on the fixed set before training travels with the checkpoint
+    assert resumed.fixed_loss_before == pytest.approx(full.fixed_loss_before)
 
 
 def _image(pipe, seed=3):
@@ -192,11 +195,14 @@ def test_divergence_stops_and_keeps_the_good_lora(tiny, dataset_dir, trained, tm
     assert (run / "lora.safetensors").read_bytes() == before
 
 
-def test_finished_run_and_checkpoints_are_not_overwritten_silently(tiny, dataset_dir, trained):
+def test_finished_run_and_checkpoints_are_not_overwritten_silently(tiny, dataset_dir, trained, tmp_path):
     with pytest.raises(TrainingError, match="already holds a finished LoRA"):
         train_lora(tiny, dataset_dir, trained.run_dir)
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(trained.run_dir, unfinished)
+    (unfinished / "summary.json").unlink()
     with pytest.raises(TrainingError, match="has checkpoints"):
-        train_lora(tiny, dataset_dir, trained.run_dir, resume=False, overwrite=True)
+        train_lora(tiny, dataset_dir, unfinished, resume=False)
 
 
 def test_lora_file_errors(tiny, tmp_path, trained):
