@@ -698,6 +698,15 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
                 if callback is not None:
                     callback(state.step, value)
                 if main and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps):
+                    # finite weights can still be blown up (1e30): they count as good only if they
+                    # give a finite loss on a fixed probe (its own random numbers, so resume stays exact)
+                    probe = fixed_set_loss(unet, data, pipe, noise_schedule, cfg, n_items=2, per_item=1)
+                    if not math.isfinite(probe):
+                        raise TrainingError(
+                            f"the weights after step {state.step} give a loss of {probe} on a fixed probe: "
+                            f"training diverged. Lower learning_rate (now {cfg.learning_rate}), e.g. to "
+                            f"{cfg.learning_rate / 10:g}, and start afresh (overwrite=True or another run_name). "
+                            "Nothing was exported; the checkpoints kept are from before.")
                     save_checkpoint(run_dir, state, unet, optimizer, lr_schedule, gen, stream, cfg, meta, dataset)
                 if (main and cfg.validate_every and state.step % cfg.validate_every == 0
                         and state.step < cfg.max_steps):

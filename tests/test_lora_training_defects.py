@@ -99,8 +99,13 @@ def test_divergence_never_leaves_a_poisoned_checkpoint(tiny, dataset_dir, tmp_pa
     with pytest.raises(TrainingError, match="diverged"):
         train_lora(tiny, dataset_dir, run, cfg)
     for ckpt in (run / "checkpoints").glob("step-*"):
-        for t in _weights(ckpt / "lora.safetensors").values():
-            assert torch.isfinite(t).all(), ckpt.name
+        # a kept checkpoint must be usable: its LoRA fused into the UNet gives finite predictions
+        pipe = models.load_pipeline(tiny, lora=ckpt / "lora.safetensors")
+        emb = pipe.encode_prompt("一个红色的圆形", positive=True)
+        out = pipe.unet(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+                        timestep=torch.tensor(500.0), encoder_hidden_states=emb["encoder_hidden_states"],
+                        add_text_embeds=emb["add_text_embeds"], add_time_id=torch.tensor([64, 64, 0, 0, 64, 64]))
+        assert torch.isfinite(out).all(), f"{ckpt.name} was kept but its weights are blown up"
     assert not (run / "lora.safetensors").exists()
 
 
