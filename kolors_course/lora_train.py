@@ -257,6 +257,9 @@ def load_image_tensor(path: Path, resolution: int, center_crop: bool, rng: rando
 @torch.no_grad()
 def prepare_data(pipe, rows, cfg: TrainConfig, device: str, dtype) -> list[dict]:
     """Text embeddings and (optionally) latents for every training pair, computed once."""
+    from .models import models_to_device
+
+    models_to_device(pipe, ["text_encoder_kolors", "vae_encoder"])   # the offload mode parks them on the CPU
     rng = random.Random(cfg.seed)
     cache = {}
     out = []
@@ -639,9 +642,7 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     data = prepare_data(pipe, rows, cfg, device, pipe.torch_dtype)
     _check_data(data, cfg, accelerator.num_processes)
     if device != "cpu":        # frozen parts leave the GPU once their work is cached
-        pipe.text_encoder_kolors.to("cpu")
-        if cfg.cache_latents:
-            pipe.vae_encoder.to("cpu")
+        _training_placement(pipe, cfg)
         torch.cuda.empty_cache()
     unet = pipe.unet
     params = add_lora(unet, cfg)
@@ -744,6 +745,23 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     return res
 
 
+def device_is_gpu(pipe) -> bool:
+    return str(pipe.device) != "cpu"
+
+
+def _training_placement(pipe, cfg: TrainConfig) -> None:
+    """Only what the loop needs stays on the GPU: the UNet (and the VAE encoder without cached latents)."""
+    from .models import models_to_device
+
+    keep = ["unet"] + ([] if cfg.cache_latents else ["vae_encoder"])
+    if getattr(pipe, "cpu_offload", False):
+        models_to_device(pipe, keep)
+        return
+    pipe.text_encoder_kolors.to("cpu")
+    if cfg.cache_latents:
+        pipe.vae_encoder.to("cpu")
+
+
 def _lora_file_metadata(cfg: TrainConfig, profile: Profile) -> dict:
     from .lora_files import lora_metadata
 
@@ -832,6 +850,8 @@ def validation_images(pipe, unet, cfg: TrainConfig, run_dir: Path, step: int):
                                    num_inference_steps=prof.steps, height=prof.height, width=prof.width,
                                    seed=seed, progress_bar_cmd=inner_progress))
     unet.train()
+    if getattr(pipe, "cpu_offload", False) and device_is_gpu(pipe):
+        _training_placement(pipe, cfg)      # the pipeline call parked every model on the CPU
     folder = run_dir / "samples"
     folder.mkdir(exist_ok=True)
     image_grid(images, rows=1).save(folder / f"step-{step:06d}.png")

@@ -158,8 +158,13 @@ def _model_classes(profile: Profile) -> dict:
 
 
 def load_model_manager(profile: Profile, device: str | None = None, dtype=None,
-                       download: bool = True, verbose: bool = False):
-    """A DiffSynth ``ModelManager`` holding the profile's UNet, VAE and text encoder."""
+                       download: bool = True, verbose: bool = False, storage_only: bool = False):
+    """A DiffSynth ``ModelManager`` holding the profile's UNet, VAE and text encoder.
+
+    ``storage_only``: the models are loaded to ``device`` only to wait there (the
+    offload memory mode keeps them in CPU memory and runs them on the GPU), so
+    they keep the profile's dtype.
+    """
     import torch
     from diffsynth import ModelManager
     from diffsynth.models.kolors_text_encoder import ChatGLMModel
@@ -167,7 +172,7 @@ def load_model_manager(profile: Profile, device: str | None = None, dtype=None,
     files = ensure_weights(profile, download=download)
     device = device or _default_device(profile)
     dtype = dtype or profile.torch_dtype
-    if device == "cpu" and dtype == torch.float16:
+    if device == "cpu" and dtype == torch.float16 and not storage_only:
         dtype = torch.float32   # fp16 convolutions are not implemented on every CPU
     classes = _model_classes(profile)
     with _quiet(verbose):
@@ -264,11 +269,16 @@ def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
     ``lora_scale`` multiplies the training scale stored in the LoRA file
     (alpha / rank): 1.0 means "as trained", 0 means "off".
     """
-    from diffsynth import SDXLImagePipeline
     from diffsynth.controlnets import ControlNetConfigUnit
 
+    from .profiles import choose_memory_mode
+
     t0 = time.perf_counter()
-    mm = load_model_manager(profile, device=device, download=download, verbose=verbose)
+    device = device or _default_device(profile)
+    mode, _ = choose_memory_mode(profile)
+    storage = "cpu" if mode == "offload" else device
+    mm = load_model_manager(profile, device=storage, download=download, verbose=verbose,
+                            storage_only=mode == "offload")
     units = []
     for spec in controlnets or []:
         with _quiet(verbose), _load_errors(Path(spec.path), "ControlNet"):
@@ -281,15 +291,44 @@ def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
         from .lora_files import fuse_lora
 
         fuse_lora(mm, lora, scale=1.0 if lora_scale is None else lora_scale)
-    with _quiet(verbose):
-        pipe = SDXLImagePipeline.from_model_manager(mm, controlnet_config_units=units)
-    if pipe.text_encoder_kolors is None or pipe.unet is None:
-        raise ModelLoadError("the pipeline did not pick up the Kolors text encoder and UNet")
-    pipe.kit_profile = profile
-    pipe.kit_model_manager = mm
+    pipe = _assemble(mm, profile, device, mode, units, verbose)
     pipe.kit_lora_fused = str(lora) if lora is not None else None
     pipe.kit_load_seconds = time.perf_counter() - t0
     return pipe
+
+
+def _assemble(mm, profile: Profile, device: str, mode: str, units=(), verbose: bool = False):
+    """The pipeline over a loaded model manager, set up for the memory mode."""
+    from diffsynth import SDXLImagePipeline
+
+    with _quiet(verbose):
+        pipe = SDXLImagePipeline.from_model_manager(mm, controlnet_config_units=list(units), device=device)
+    if pipe.text_encoder_kolors is None or pipe.unet is None:
+        raise ModelLoadError("the pipeline did not pick up the Kolors text encoder and UNet")
+    if mode == "offload":
+        # DiffSynth then moves each model to the GPU only while it runs, and back after
+        pipe.enable_cpu_offload()
+    pipe.kit_profile = profile
+    pipe.kit_memory_mode = mode
+    pipe.kit_model_manager = mm
+    pipe.kit_lora_fused = None
+    pipe.kit_load_seconds = 0.0
+    return pipe
+
+
+def models_to_device(pipe, names: list[str]) -> None:
+    """Put ``names`` on the pipeline's device and, in the offload mode, everything else on the CPU.
+
+    Training calls it around its phases (encoding, then the UNet alone); in the
+    full mode it only moves what is asked, so nothing else leaves the GPU.
+    """
+    if getattr(pipe, "cpu_offload", False):
+        pipe.load_models_to_device(names)
+        return
+    for name in names:
+        model = getattr(pipe, name, None)
+        if model is not None:
+            model.to(pipe.device)
 
 
 def unet_config_path(pipe) -> Path:
@@ -331,7 +370,7 @@ def random_pipeline(profile, sizes: str = "kolors", device: str | None = None, d
     import tempfile
 
     import torch
-    from diffsynth import ModelManager, SDXLImagePipeline
+    from diffsynth import ModelManager
     from diffsynth.models.kolors_text_encoder import ChatGLMConfig, ChatGLMModel
 
     device = device or profile.device
@@ -381,10 +420,13 @@ def random_pipeline(profile, sizes: str = "kolors", device: str | None = None, d
         mm.model_name.append(name)
         mm.model_path.append(str(folder / "unet" / "diffusion_pytorch_model.safetensors")
                              if name == "sdxl_unet" else str(folder / name))
-    with _quiet(False):
-        pipe = SDXLImagePipeline.from_model_manager(mm)
-    pipe.kit_profile = profile
-    pipe.kit_model_manager = mm
-    pipe.kit_lora_fused = None
-    pipe.kit_load_seconds = 0.0
-    return pipe
+    from .profiles import choose_memory_mode
+
+    mode, _ = choose_memory_mode(profile)
+    if mode == "offload":
+        # built on the GPU (fast random init), then parked where the offload mode keeps them
+        for model in mm.model:
+            model.to("cpu")
+        if device != "cpu":
+            torch.cuda.empty_cache()
+    return _assemble(mm, profile, device, mode)

@@ -16,9 +16,16 @@ from pathlib import Path
 
 from .paths import project_path
 
-#: GPU memory the kolors profile needs for inference with the defaults (fp16
-#: UNet 5.2 GB + ChatGLM 12.5 GB offloaded in turn, activations at 1024px).
-KOLORS_MIN_GPU_GB = 15.0
+#: GPU memory (GB, 10^9 bytes, as the card reports its total) below which the kolors
+#: profile cannot run: the "offload" mode peaked at 12.8 GB reserved for a 1024 px,
+#: 50-step image (bench/gpu.py, Kolors-sized weights on an H100 limited to 16 GB),
+#: plus the CUDA context.
+KOLORS_MIN_GPU_GB = 14.0
+#: below this the models take turns on the GPU ("offload"); from it up they all stay
+#: there ("full", which peaked at 23.8 GB reserved on the same image when limited to 24 GB).
+FULL_MODE_MIN_GPU_GB = 25.0
+#: how the models share the GPU, see ``choose_memory_mode``
+MEMORY_MODES = ("auto", "full", "offload")
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class Profile:
     cache_dir: str = "models"             # relative to the project root
     dtype: str = "float32"                # UNet/text-encoder dtype for inference
     device: str = "cpu"
+    memory_mode: str = "full"             # "full", "offload", or "auto" (chosen from the GPU's memory)
     # -- generation ----------------------------------------------------------
     height: int = 64
     width: int = 64
@@ -82,7 +90,7 @@ class Profile:
 
     def summary(self) -> str:
         return (f"profile {self.name}: {self.width}x{self.height}, {self.steps} steps, "
-                f"cfg {self.cfg_scale}, {self.dtype} on {self.device}, models from "
+                f"cfg {self.cfg_scale}, {self.dtype} on {self.device} (memory mode {self.memory_mode}), models from "
                 f"{'the kit (tiny, built locally)' if self.model_source == 'tiny' else 'ModelScope'}"
                 f", cache {self.cache_path}")
 
@@ -98,6 +106,7 @@ KOLORS = Profile(
     model_source="modelscope",
     dtype="float16",
     device="cuda",
+    memory_mode="auto",
     height=1024,
     width=1024,
     steps=50,
@@ -120,6 +129,7 @@ PROFILES = {"tiny": TINY, "kolors": KOLORS}
 
 
 def _gpu_memory_gb() -> tuple[str, float] | None:
+    """(name, total memory in GB) of the first CUDA GPU, or None."""
     try:
         import torch
     except ImportError:
@@ -127,13 +137,39 @@ def _gpu_memory_gb() -> tuple[str, float] | None:
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(0)
-    return props.name, props.total_memory / 2**30
+    return props.name, props.total_memory / 1e9
+
+
+def choose_memory_mode(profile: Profile, gpu: tuple[str, float] | None = None) -> tuple[str, str]:
+    """(mode, why) for ``profile``: how its models share the device.
+
+    ``full``: the UNet, the text encoder and the VAE all stay on the device.
+    ``offload``: they wait in CPU memory and DiffSynth moves each one to the GPU
+    only while it runs (the 12.4 GB text encoder, then the 5.2 GB UNet), which
+    costs time for the moves but fits 16 GB cards.  Training encodes every caption
+    first and then keeps only the UNet on the GPU, in both modes.
+    """
+    if profile.memory_mode not in MEMORY_MODES:
+        raise ValueError(f"memory_mode={profile.memory_mode!r}: choose one of {MEMORY_MODES}")
+    if profile.memory_mode != "auto":
+        return profile.memory_mode, "set in the profile"
+    if profile.device == "cpu":
+        return "full", "the models run on the CPU"
+    gpu = gpu or _gpu_memory_gb()
+    if gpu is None:
+        return "full", "no CUDA GPU is visible to measure"
+    name, gb = gpu
+    if gb >= FULL_MODE_MIN_GPU_GB:
+        return "full", f"the GPU ({name}, {gb:.1f} GB) holds every model at once (needs {FULL_MODE_MIN_GPU_GB:.0f} GB)"
+    return "offload", (f"the GPU ({name}, {gb:.1f} GB) has less than {FULL_MODE_MIN_GPU_GB:.0f} GB: the text "
+                       "encoder and the UNet take turns on it")
 
 
 def choose_profile(name: str = "auto", verbose: bool = True, **overrides) -> Profile:
     """The profile called ``name``; ``auto`` picks kolors on a big enough CUDA GPU, else tiny.
 
     ``overrides`` change single fields (``choose_profile("tiny", steps=4)``).
+    On a GPU, ``auto`` also settles the memory mode and says why.
     """
     name = (name or "auto").lower()
     if name == "auto":
@@ -144,7 +180,10 @@ def choose_profile(name: str = "auto", verbose: bool = True, **overrides) -> Pro
             chosen, why = TINY, (f"the GPU ({gpu[0]}, {gpu[1]:.1f} GB) has less than "
                                  f"{KOLORS_MIN_GPU_GB:.0f} GB")
         else:
-            chosen, why = KOLORS, f"a CUDA GPU is present ({gpu[0]}, {gpu[1]:.1f} GB)"
+            chosen = KOLORS.with_(**{k: v for k, v in overrides.items() if k == "memory_mode"})
+            mode, mode_why = choose_memory_mode(chosen, gpu)
+            chosen = chosen.with_(memory_mode=mode)
+            why = f"a CUDA GPU is present; memory mode '{mode}' because {mode_why}"
         if verbose:
             print(f"profile 'auto' chose '{chosen.name}' because {why}.")
     elif name in PROFILES:

@@ -126,3 +126,16 @@ def test_unrecognised_controlnet_is_an_error(tiny, tmp_path):
     save_file({"x": torch.zeros(2)}, str(bogus))
     with pytest.raises(models.ModelLoadError, match="ControlNet"):
         models.load_pipeline(tiny, controlnets=[models.ControlNetSpec(str(bogus), "canny")])
+
+
+def test_offload_memory_mode_runs_the_same_path_and_gives_the_same_image(tiny, tiny_pipe):
+    """The offload mode (DiffSynth moving each model to the device only while it runs) on the CPU:
+    the same functions and the same picture; on a GPU it trades time for memory (bench/gpu.py)."""
+    import numpy as np
+
+    from kolors_course.text2image import generate
+    off = models.load_pipeline(tiny.with_(memory_mode="offload"))
+    assert off.cpu_offload and off.kit_memory_mode == "offload" and not tiny_pipe.cpu_offload
+    a = np.asarray(generate(off, "一个红色的圆形", seed=5))
+    b = np.asarray(generate(tiny_pipe, "一个红色的圆形", seed=5))
+    assert np.array_equal(a, b)

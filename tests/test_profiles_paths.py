@@ -18,11 +18,29 @@ def test_auto_picks_tiny_without_gpu_and_says_why(capsys, monkeypatch):
     monkeypatch.setattr(P, "_gpu_memory_gb", lambda: None)
     assert choose_profile("auto").name == "tiny"
     assert "no CUDA GPU" in capsys.readouterr().out
-    monkeypatch.setattr(P, "_gpu_memory_gb", lambda: ("T4", 15.0 - 0.5))
+    monkeypatch.setattr(P, "_gpu_memory_gb", lambda: ("RTX 3060", 12.9))
     assert choose_profile("auto").name == "tiny"
     assert "less than" in capsys.readouterr().out
-    monkeypatch.setattr(P, "_gpu_memory_gb", lambda: ("A10", 24.0))
-    assert choose_profile("auto").name == "kolors"
+
+
+def test_auto_picks_a_memory_mode_from_the_gpu_and_says_why(capsys, monkeypatch):
+    """Totals as the cards report them in 10^9 bytes: a T4 has 15 GiB, a 3090 24 GiB."""
+    import kolors_course.profiles as P
+    monkeypatch.setattr(P, "_gpu_memory_gb", lambda: ("Tesla T4", 15.8))
+    prof = choose_profile("auto")
+    assert (prof.name, prof.memory_mode) == ("kolors", "offload")
+    assert "take turns" in capsys.readouterr().out
+    monkeypatch.setattr(P, "_gpu_memory_gb", lambda: ("RTX 3090", 25.4))
+    prof = choose_profile("auto")
+    assert (prof.name, prof.memory_mode) == ("kolors", "full")
+    assert "holds every model" in capsys.readouterr().out
+    # an explicit choice wins, and a wrong one is refused
+    assert choose_profile("auto", memory_mode="offload").memory_mode == "offload"
+    with pytest.raises(ValueError, match="memory_mode='tiny'"):
+        P.choose_memory_mode(KOLORS.with_(memory_mode="tiny"))
+    # the kolors profile chosen by name settles its mode when the pipeline loads
+    assert P.choose_memory_mode(KOLORS, ("A100", 85.0))[0] == "full"
+    assert P.choose_memory_mode(KOLORS, ("V100-16G", 17.1))[0] == "offload"
 
 
 def test_unknown_profile_and_field_are_errors():
