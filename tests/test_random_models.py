@@ -39,17 +39,38 @@ def test_validation_uses_cached_prompt_embeddings(tiny, tmp_path):
     assert len(calls) == n_captions + 2     # captions once, plus validation prompt and negative, once
 
 
+def _plain_training_set(folder, n=4, size=1024):
+    """The trainer's folder layout written directly (no data-juicer: the GPU machine may lack it)."""
+    import csv
+
+    from PIL import Image
+    train = folder / "train"
+    train.mkdir(parents=True)
+    with (train / "metadata.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "text"])
+        for i in range(n):
+            Image.new("RGB", (size, size), (60 * i, 120, 200)).save(train / f"{i}.jpg")
+            w.writerow([f"{i}.jpg", f"二次元，第{i}张"])
+    return folder
+
+
 @pytest.mark.gpu
-def test_kolors_sized_training_fits_16_gb(tmp_path):
-    """On a CUDA GPU: Kolors-sized random models, the kolors defaults at 1024 px."""
-    from kolors_course.data_filter import Recipe
-    from kolors_course.dataset import build_training_set
+def test_kolors_sized_training_fits_a_16_gb_card(tmp_path):
+    """On a CUDA GPU: Kolors-sized random models, the kolors defaults at 1024 px, in the offload
+    memory mode that auto picks for 16 GB cards, on a card limited to 16 GB; the peak counts the load."""
+    import torch
+
     from kolors_course.profiles import choose_profile
-    prof = choose_profile("kolors")
-    ds = tmp_path / "ds"
-    build_training_set("synthetic", ds, recipe=Recipe(min_width=1024, min_height=1024), limit=4,
-                       synthetic_size=1024)
-    pipe = random_pipeline(prof, "kolors", "cuda")
-    res = train_lora(prof, ds, tmp_path / "run", TrainConfig.for_profile(prof, max_steps=3, validate_every=None),
-                     pipe=pipe)
+    prof = choose_profile("kolors", memory_mode="offload")
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, 16e9 / total))
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        pipe = random_pipeline(prof, "kolors", "cuda")
+        res = train_lora(prof, _plain_training_set(tmp_path / "ds"), tmp_path / "run",
+                         TrainConfig.for_profile(prof, max_steps=3, validate_every=None), pipe=pipe)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
     assert res.peak_memory_gb <= 16.0, res.summary()
+    assert res.files["lora_kohya"].exists()
