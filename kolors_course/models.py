@@ -269,11 +269,11 @@ def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
     ``lora_scale`` multiplies the training scale stored in the LoRA file
     (alpha / rank): 1.0 means "as trained", 0 means "off".
     """
+    t0 = time.perf_counter()        # before the imports: a learner waits for those too
     from diffsynth.controlnets import ControlNetConfigUnit
 
     from .profiles import choose_memory_mode
 
-    t0 = time.perf_counter()
     device = device or _default_device(profile)
     mode, _ = choose_memory_mode(profile)
     storage = "cpu" if mode == "offload" else device
