@@ -505,6 +505,34 @@ def run_finished(run_dir: Path) -> bool:
     return bool(files) and all(project_path(f).is_file() for f in files.values())
 
 
+def load_finished_run(run_dir: Path, cfg: TrainConfig, rows) -> TrainResult:
+    """A finished run's result read back from its files, if it was trained with ``cfg`` on ``rows``."""
+    from PIL import Image
+
+    recorded = json.loads((run_dir / "train_config.json").read_text(encoding="utf-8"))
+    problems = changed_settings({k: v for k, v in recorded.items() if k in config_record(cfg)}, cfg)
+    if recorded.get("dataset_fingerprint") not in (None, dataset_fingerprint(rows)):
+        problems.append("the training set changed since it was trained")
+    if problems:
+        raise TrainingError(f"{relative_to_root(run_dir)} holds a finished LoRA trained differently:\n  - "
+                            + "\n  - ".join(problems) + "\nChoose another run_name, or overwrite=True to "
+                            "train it again with these settings.")
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    with (run_dir / "loss.csv").open(encoding="utf-8", newline="") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    samples = []
+    for png in sorted((run_dir / "samples").glob("step-*.png")):
+        with Image.open(png) as im:
+            samples.append((int(png.stem.split("-")[1]), [im.convert("RGB")]))
+    print(f"{relative_to_root(run_dir)} is already trained with these settings: using it as it is "
+          "(overwrite=True trains it again)")
+    steps = summary["steps"]
+    return TrainResult(run_dir, steps, losses, {k: project_path(v) for k, v in summary["files"].items()},
+                       summary["seconds"], summary["seconds_per_step"], summary["peak_memory_gb"],
+                       summary.get("resumed_from"), samples, summary.get("fixed_set_loss_before"),
+                       summary.get("fixed_set_loss_after"), summary.get("peak_training_loop_gb", 0.0))
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -578,13 +606,16 @@ def _check_data(data: list, cfg: TrainConfig, processes: int) -> None:
 
 def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | os.PathLike,
                cfg: TrainConfig | None = None, resume: str | bool = "auto", overwrite: bool = False,
-               callback=None, pipe=None) -> TrainResult:
+               callback=None, pipe=None, reuse_finished: bool = False) -> TrainResult:
     """Train a LoRA on ``dataset_dir`` (built by notebook 02) into ``run_dir``.
 
     ``resume``: "auto" continues from the latest checkpoint if there is one,
     True requires one, False refuses to touch a folder with checkpoints.
     ``overwrite=True`` trains afresh beside the old run and replaces it only once
-    the new one is complete.  ``callback(step, loss)`` is called after every step.
+    the new one is complete.  ``reuse_finished=True`` returns a finished run with
+    the same settings as it is (a notebook run again from the top does not train
+    twice); otherwise a finished run is refused.  ``callback(step, loss)`` is
+    called after every step.
     """
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
@@ -604,6 +635,8 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
         shutil.rmtree(run_dir, ignore_errors=True)
     else:
         run_dir = final_dir
+        if run_finished(run_dir) and reuse_finished:
+            return load_finished_run(run_dir, cfg, rows)
         if run_finished(run_dir):
             raise TrainingError(f"{relative_to_root(run_dir)} already holds a finished LoRA; choose another "
                                 "run_name, or pass overwrite=True to train it again")

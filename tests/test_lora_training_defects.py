@@ -237,3 +237,17 @@ def test_a_train_config_of_the_wrong_type_gets_a_message(tiny, dataset_dir, tmp_
     cfg.learning_rate = "fast"           # e.g. a papermill parameter typed as text
     with pytest.raises(TrainingError, match="learning_rate='fast': expected a number"):
         train_lora(tiny, dataset_dir, tmp_path / "r", cfg)
+
+
+def test_a_finished_run_is_reused_only_with_the_same_settings(tiny, dataset_dir, tmp_path):
+    """Notebook 03 run again from the top reuses its finished run instead of training twice."""
+    run = tmp_path / "r"
+    first = train_lora(tiny, dataset_dir, run, _cfg(tiny))
+    stamp = (run / "lora.safetensors").stat().st_mtime_ns
+    again = train_lora(tiny, dataset_dir, run, _cfg(tiny), reuse_finished=True)
+    assert (run / "lora.safetensors").stat().st_mtime_ns == stamp        # nothing trained or written
+    assert again.losses == pytest.approx(first.losses) and again.files == first.files
+    assert again.fixed_loss_after == pytest.approx(first.fixed_loss_after)
+    assert [s for s, _ in again.samples] == [6]
+    with pytest.raises(TrainingError, match="learning_rate"):
+        train_lora(tiny, dataset_dir, run, _cfg(tiny, learning_rate=1e-3), reuse_finished=True)
