@@ -249,56 +249,12 @@ def bench_story(rounds: int = 7) -> dict:
                     "(both save PNGs)", "kit_s": k, "plain_s": p, "ratio": k / p, "target": "<= 1.02"}
 
 
-def bench_gpu(steps: int = 20) -> dict:
-    """Kolors-sized models with random weights on a CUDA GPU: what a learner's card needs.
-
-    One 1024x1024 image with 50 steps, then LoRA training with the kolors defaults
-    (rank 16, batch 1, 1024 px, gradient checkpointing, mixed precision).
-    """
-    import torch
-
-    name = "kolors profile on a GPU, Kolors-sized random weights"
-    if not torch.cuda.is_available():
-        return {"name": name, "skipped": "no CUDA GPU on this machine"}
-    import kolors_course as kc
-    from kolors_course.data_filter import Recipe
-    from kolors_course.lora_train import TrainConfig, train_lora
-    from kolors_course.models import random_pipeline
-
-    prof = kc.choose_profile("kolors")
-    t0 = time.perf_counter()
-    pipe = random_pipeline(prof, "kolors", "cuda")
-    build_s = time.perf_counter() - t0
-    kc.generate(pipe, PROMPT, seed=0, steps=2)            # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    kc.generate(pipe, PROMPT, seed=0)
-    torch.cuda.synchronize()
-    gen_s = time.perf_counter() - t0
-    gen_peak = torch.cuda.max_memory_allocated() / 2**30
-    ds = ROOT / "runs" / "bench-data" / "gpu-set"
-    if not (ds / "train" / "metadata.csv").exists():
-        kc.build_training_set("synthetic", ds, recipe=Recipe(min_width=1024, min_height=1024), limit=8,
-                              synthetic_size=1024)
-    cfg = TrainConfig.for_profile(prof, max_steps=steps, checkpoint_every=steps, validate_every=None)
-    import shutil
-    run = ROOT / "runs" / "bench-data" / "gpu-run"
-    shutil.rmtree(run, ignore_errors=True)
-    res = train_lora(prof, ds, run, cfg, pipe=pipe)
-    return {"name": name, "device": torch.cuda.get_device_name(0), "build_random_models_s": build_s,
-            "generate_1024px_50_steps_s": gen_s, "generate_peak_gb": gen_peak,
-            "train_s_per_step": res.seconds_per_step, "train_peak_gb": res.peak_memory_gb,
-            "train_precision": json.loads((run / "train_config.json").read_text())["precision_used"],
-            "target": "training peak <= 16 GB"}
-
-
 BENCHES = {"generate": bench_generate, "story": bench_story, "dataset": bench_dataset, "train": bench_train,
-           "course": bench_course, "gpu": bench_gpu}
+           "course": bench_course}
 
 
 def main(argv: list[str]) -> int:
-    names = argv or [n for n in BENCHES if n != "gpu"]     # `python bench/run.py gpu` on a GPU
+    names = argv or list(BENCHES)       # GPU figures: `python bench/gpu.py` on a CUDA machine
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
