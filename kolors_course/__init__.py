@@ -6,8 +6,27 @@ data-juicer) load when a function that needs them is first used.
 from __future__ import annotations
 
 import importlib
+import warnings
 
 __version__ = "0.1.0"
+
+# Two warnings every learner would see, about code that is neither theirs nor
+# ours, installed here because this is where the kit is first imported (before
+# torch).  Each filter names one exact message and its category; any other
+# warning, from these libraries too, still shows.
+#  - torch imports ``pynvml``; the ``pynvml`` distribution (required by DiffSynth
+#    1.1.9) now only re-exports ``nvidia-ml-py`` (already installed beside it) and
+#    warns on every import through a hook of its own, whatever else is installed.
+#  - DiffSynth's Kolors text encoder decorates a helper with ``torch.jit.script``
+#    at import time; torch 2.10+ warns that ``torch.jit.script`` is deprecated.
+_THIRD_PARTY_NOISE = (
+    (r"The pynvml package is deprecated\. Please install nvidia-ml-py instead\.", FutureWarning),
+    (r"`torch\.jit\.script` is deprecated\. Please switch to `torch\.compile` or `torch\.export`\.",
+     FutureWarning),
+)
+for _message, _category in _THIRD_PARTY_NOISE:
+    warnings.filterwarnings("ignore", message=_message, category=_category)
+del _message, _category
 
 # public name -> module that defines it
 _EXPORTS = {

@@ -49,8 +49,10 @@ def image_facts(img) -> dict:
     orientation = "横构图" if w > h * 1.1 else "竖构图" if h > w * 1.1 else "方构图"
     factor = max(1, min(w, h) // 16)
     small = img.convert("RGB").reduce(factor) if factor > 1 else img.convert("RGB")
-    px = list(small.getdata())
-    r, g, b = (sum(c[i] for c in px) / len(px) for i in range(3))
+    import numpy as np
+
+    # mean colour from the raw RGB bytes (Image.getdata is deprecated in Pillow 12)
+    r, g, b = np.frombuffer(small.tobytes(), dtype=np.uint8).reshape(-1, 3).mean(axis=0).tolist()
     colour = min(_COLOUR_NAMES, key=lambda k: sum((a - c) ** 2 for a, c in zip(_COLOUR_NAMES[k], (r, g, b))))
     return {"orientation": orientation, "color": f"{colour}色调"}
 

@@ -147,7 +147,8 @@ def run_recipe(folder: Path, recipe: Recipe, n_samples: int, verbose: bool = Fal
     from data_juicer.core import DefaultExecutor
 
     folder = Path(folder).resolve()
-    with _chdir(folder), _quiet_dj(verbose), _close_new_log_files(), _ray_job_flag(recipe.executor == "ray"):   # the YAML holds paths relative to its folder
+    with _chdir(folder), _quiet_dj(verbose), _library_bars_off(), _close_new_log_files(), \
+            _ray_job_flag(recipe.executor == "ray"):   # the YAML holds paths relative to its folder
         try:
             # absolute paths for this run: Ray actors do not share our working directory
             cfg = init_configs(["--config", "recipe.yaml",
@@ -200,6 +201,30 @@ def _ray_job_flag(on: bool):
             os.environ.pop("RAY_JOB", None)
         else:
             os.environ["RAY_JOB"] = before
+
+
+@contextlib.contextmanager
+def _library_bars_off():
+    """No progress bars from ``datasets`` (which data-juicer drives) during the run.
+
+    In a notebook they are ipywidgets: one per op and phase, whose state a
+    notebook saved from Jupyter does not keep, so they reopen as broken widgets.
+    The kit reports what each filter kept and dropped instead.  The previous
+    setting is restored afterwards, so a learner's own ``datasets`` code keeps
+    its bars."""
+    import importlib
+
+    ds_tqdm = importlib.import_module("datasets.utils.tqdm")   # the module, not its tqdm class
+
+    # HF_DATASETS_DISABLE_PROGRESS_BARS=0 in the environment: the learner asked for the bars
+    turn_off = not ds_tqdm.are_progress_bars_disabled() and ds_tqdm.HF_DATASETS_DISABLE_PROGRESS_BARS is not False
+    if turn_off:
+        ds_tqdm.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if turn_off:
+            ds_tqdm.enable_progress_bars()
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -146,6 +147,35 @@ def _quiet(verbose: bool):
         yield buf
 
 
+#: what transformers 4.56+ logs (twice per load) when DiffSynth 1.1.9 passes ``torch_dtype=``
+#: to ``from_pretrained``; DiffSynth's call, not ours, and the dtype is still honoured
+TORCH_DTYPE_NOTICE = "`torch_dtype` is deprecated! Use `dtype` instead!"
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, message: str):
+        super().__init__()
+        self.message = message
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.message
+
+
+@contextlib.contextmanager
+def _no_torch_dtype_notice():
+    """Drop exactly transformers' ``torch_dtype`` notice while DiffSynth loads a model;
+    every other record of those loggers (missing weights, errors) still shows."""
+    loggers = [logging.getLogger(f"transformers.{m}") for m in ("configuration_utils", "modeling_utils")]
+    drop = _DropMessage(TORCH_DTYPE_NOTICE)
+    for lg in loggers:
+        lg.addFilter(drop)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
+
+
 def _model_classes(profile: Profile) -> dict:
     if profile.model_source == "tiny":
         return tiny_models.diffsynth_classes()
@@ -186,7 +216,7 @@ def load_model_manager(profile: Profile, device: str | None = None, dtype=None,
                                            model_names=["sdxl_vae_encoder", "sdxl_vae_decoder"],
                                            model_classes=[classes["sdxl_vae_encoder"], classes["sdxl_vae_decoder"]],
                                            model_resource="diffusers")
-        with _load_errors(files.text_encoder, "text encoder"):
+        with _load_errors(files.text_encoder, "text encoder"), _no_torch_dtype_notice():
             mm.load_model_from_huggingface_folder(str(files.text_encoder), model_names=["kolors_text_encoder"],
                                                   model_classes=[ChatGLMModel])
     check_loaded(mm, ["sdxl_unet", "sdxl_vae_encoder", "sdxl_vae_decoder", "kolors_text_encoder"])

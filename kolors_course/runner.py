@@ -61,6 +61,28 @@ def declared_parameters(nb_path: Path) -> dict:
     return papermill.inspect_notebook(str(nb_path))
 
 
+def kernel_manager_class():
+    """The kernel manager the runner starts kernels with: IPC transport where it exists.
+
+    The kernel and the runner are on the same machine, so they talk over Unix
+    sockets (in Jupyter's runtime folder, readable by this user only) instead of
+    TCP ports on localhost; ipykernel then has no reason to print, for every
+    notebook, that it is "running over TCP without encryption".  Windows has no
+    IPC transport in ZeroMQ and keeps TCP (and the message)."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    if os.name == "nt":
+        return AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _default_transport(self):
+            return "ipc"
+
+    return IPCKernelManager
+
+
 def run_notebooks(notebooks: list[str] | None = None, out: str | os.PathLike = "runs/course",
                   profile: str = "tiny", parameters: dict | None = None, kernel_name: str = "python3",
                   cell_timeout: int = 1800, log_output: bool = False, stop_on_error: bool = True,
@@ -100,7 +122,8 @@ def run_notebooks(notebooks: list[str] | None = None, out: str | os.PathLike = "
             try:
                 pm.execute_notebook(str(nb), str(target), parameters=params, kernel_name=kernel_name,
                                     cwd=str(nb.parent), progress_bar=False, log_output=log_output,
-                                    execution_timeout=cell_timeout)
+                                    execution_timeout=cell_timeout,
+                                    kernel_manager_class=kernel_manager_class())
             except PapermillExecutionError as exc:
                 # exec_count is the [n] shown in the executed copy (papermill's
                 # injected-parameters cell counts too)

@@ -4,6 +4,7 @@ nbval also executes every notebook (see ``addopts`` in pyproject.toml): this
 file checks what nbval does not, the runner and the files the course leaves.
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,11 +37,18 @@ def test_notebook_is_stripped_and_parameterised(nb_path):
     assert max(len(c.source.splitlines()) for c in code) <= 15
 
 
-@pytest.mark.notebook
-def test_course_runs_headless_with_the_cli(tmp_path):
-    out = tmp_path / "course"
+@pytest.fixture(scope="module")
+def course_run(tmp_path_factory):
+    """The whole course, run once headless on the tiny profile with the CLI."""
+    out = tmp_path_factory.mktemp("course") / "course"
     proc = subprocess.run([sys.executable, "-m", "kolors_course.cli", "run", "--profile", "tiny",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    return proc, out
+
+
+@pytest.mark.notebook
+def test_course_runs_headless_with_the_cli(course_run):
+    proc, out = course_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "notebooks ran" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -52,3 +60,74 @@ def test_course_runs_headless_with_the_cli(tmp_path):
     assert (out / "00_setup" / "first_image.png").exists()
     for grid in ("anatomy", "negative", "seeds", "cfg_scale"):
         assert (out / "01_text_to_image" / f"{grid}.png").exists()
+
+
+# --- clean outputs (issue 10, part 7) -------------------------------------------------
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+_WARNING_TEXT = re.compile(r"Warning|deprecated", re.IGNORECASE)
+# tqdm's widget bar shows its text form as text/plain: "desc:  40%|####  | 2/5 [...]"
+_BAR_TEXT = re.compile(r"\d+%\||\d+/\d+ \[|examples/s|it/s")
+
+
+def output_problems(nb) -> list[str]:
+    """What a learner would see that a clean lesson does not show: warnings printed
+    in a cell, and widget views that reopen broken (their state is not saved with
+    the notebook) or that are library progress bars (never saved by Jupyter)."""
+    saved = set(((nb.metadata.get("widgets") or {}).get(WIDGET_STATE) or {}).get("state") or {})
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        for o in cell.get("outputs", []):
+            if o.output_type == "stream" and o.name == "stderr" and _WARNING_TEXT.search(o.text):
+                problems.append(f"cell {i}: a warning on stderr: {o.text.strip()[:300]}")
+            elif o.output_type == "stream" and re.search(r"\w+Warning: ", o.text):
+                problems.append(f"cell {i}: a warning on {o.name}: {o.text.strip()[:300]}")
+            elif o.output_type in ("display_data", "execute_result") and WIDGET_VIEW in o.data:
+                model = o.data[WIDGET_VIEW].get("model_id")
+                text = str(o.data.get("text/plain", ""))
+                if model not in saved:
+                    problems.append(f"cell {i}: widget view {model} ({text[:60]!r}) whose state is not saved")
+                elif _BAR_TEXT.search(text):
+                    problems.append(f"cell {i}: a progress-bar widget ({text[:60]!r}); a headless run "
+                                    "shows text bars, and Jupyter does not save a bar's state")
+    return problems
+
+
+def test_output_problems_sees_warnings_and_broken_widgets():
+    from nbformat.v4 import new_code_cell, new_output
+    nb = nbformat.v4.new_notebook()
+    cell = new_code_cell("x")
+    cell.outputs = [
+        new_output("stream", name="stderr", text="/x/torch/cuda/__init__.py:68: FutureWarning: pynvml\n"),
+        new_output("stream", name="stderr", text="`torch_dtype` is deprecated! Use `dtype` instead!\n"),
+        new_output("stream", name="stdout", text="fine\n"),
+        new_output("display_data", data={WIDGET_VIEW: {"model_id": "gone"}, "text/plain": "HBox()"}),
+        new_output("display_data", data={WIDGET_VIEW: {"model_id": "kept"},
+                                         "text/plain": "Map:  40%|####      | 2/5 [00:01<00:01]"}),
+        new_output("display_data", data={WIDGET_VIEW: {"model_id": "ok"}, "text/plain": "Button()"}),
+    ]
+    nb.cells.append(cell)
+    nb.metadata["widgets"] = {WIDGET_STATE: {"state": {"kept": {}, "ok": {}}}}
+    problems = output_problems(nb)
+    assert len(problems) == 4, problems
+    assert "FutureWarning" in problems[0] and "deprecated" in problems[1]
+    assert "gone" in problems[2] and "progress-bar" in problems[3]
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_executed_notebook_outputs_are_clean(course_run, nb_path):
+    proc, out = course_run
+    executed = out / "notebooks" / nb_path.name
+    assert executed.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
+    problems = output_problems(nbformat.read(executed, as_version=4))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.notebook
+def test_course_run_prints_no_kernel_warnings(course_run):
+    proc, _ = course_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noise = [line for line in (proc.stdout + proc.stderr).splitlines()
+             if "without encryption" in line or _WARNING_TEXT.search(line)]
+    assert not noise, "\n".join(noise[:10])
