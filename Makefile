@@ -36,12 +36,22 @@ test: env
 bench: env
 	$(PY) bench/run.py
 
-# The gallery test opens the HTML gallery in a real headless browser; without
-# chromium it is skipped with a reason.  CI runs this before `make test`.
+# The gallery test opens the HTML gallery in a real headless browser and checks
+# that its Chinese title renders as characters, not boxes: it needs chromium and
+# a CJK font (Debian's fonts-noto-cjk).  Without chromium it is skipped with a
+# reason; with chromium but no CJK font it fails.  CI runs this before `make test`.
+BROWSER_FONT ?= fonts-noto-cjk
 browser:
-	@command -v chromium >/dev/null 2>&1 && echo "chromium: $$(command -v chromium)" || \
-	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
-	    && echo "chromium installed"; } || echo "chromium not installed (needs root and apt): the gallery browser test will be skipped"
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="chromium"; \
+	  fc-list :lang=zh family 2>/dev/null | grep -q . || missing="$$missing $(BROWSER_FONT)"; \
+	  if [ -z "$$missing" ]; then \
+	    echo "chromium: $$(command -v chromium); CJK font: $$(fc-list :lang=zh family | head -n 1)"; \
+	  elif [ "$$(id -u)" = 0 ] && apt-get update -qq \
+	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; then \
+	    echo "installed:$$missing"; \
+	  else \
+	    echo "not installed (needs root and apt):$$missing; without chromium the gallery browser test is skipped"; \
+	  fi
 
 strip: env
 	$(VENV)/bin/nbstripout notebooks/*.ipynb

@@ -29,38 +29,104 @@ def _data_uri(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def write_gallery(records: list, story, scores, lora_info: dict, path: Path, profile_name: str) -> Path:
-    """One HTML file with every image embedded: it opens from disk, offline, anywhere."""
+#: the page's fonts: CJK families first (Noto/Source Han on Linux, PingFang/Hiragino on
+#: macOS, YaHei on Windows, WenQuanYi on older Linux), then the generic family.  Without a
+#: CJK-capable font in the list or on the machine, every Chinese character is a box.
+CJK_FONT_STACK = ('"Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "PingFang SC", '
+                  '"Hiragino Sans GB", "Microsoft YaHei", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", '
+                  'system-ui, sans-serif')
+
+
+def _no_lora(lora_info: dict) -> bool:
+    return str(lora_info.get("file", "")).startswith("none")
+
+
+def _settings_list(r: dict, lora_scale) -> str:
+    """One image's settings: what a learner needs to make it again."""
     e = html.escape
+    scale = "none (base model)" if lora_scale is None else f"{lora_scale:g}" if isinstance(
+        lora_scale, (int, float)) else str(lora_scale)
+    items = [("seed", r["seed"]), ("steps", r.get("steps", "?")), ("cfg", r.get("cfg_scale", "?")),
+             ("LoRA scale", scale)]
+    return ('<dl class="settings">' +
+            "".join(f"<dt>{e(k)}</dt><dd>{e(str(v))}</dd>" for k, v in items) + "</dl>")
+
+
+def _lora_label(lora_scale) -> str:
+    if lora_scale is None:
+        return "base model"
+    return f"with LoRA ×{lora_scale:g}" if isinstance(lora_scale, (int, float)) else "with LoRA"
+
+
+def _image_figure(r: dict, label: str, lora_scale, css: str) -> str:
+    e = html.escape
+    return f"""
+      <figure class="{css}">
+        <figcaption class="label">{e(label)}</figcaption>
+        <img src="{_data_uri(r['image'])}" alt="scene {r['index']}, {e(label)}" width="{r['width']}" height="{r['height']}">
+        {_settings_list(r, lora_scale)}
+      </figure>"""
+
+
+def write_gallery(records: list, story, scores, lora_info: dict, path: Path, profile_name: str,
+                  base_records: list | None = None, lora_scale=None) -> Path:
+    """One HTML file with every image embedded: it opens from disk, offline, anywhere.
+
+    ``base_records``: the same scenes from the base model (same seeds); when given,
+    each scene shows the base image and the LoRA image side by side.  Every image
+    lists its seed, steps, cfg and LoRA scale.  ``lora_scale`` defaults to
+    ``lora_info["scale"]`` (none when ``lora_info["file"]`` says there is no LoRA).
+    """
+    e = html.escape
+    if lora_scale is None and not _no_lora(lora_info):
+        lora_scale = lora_info.get("scale")
+    if base_records is not None and len(base_records) != len(records):
+        raise ValueError(f"{len(base_records)} base images for {len(records)} LoRA images: "
+                         "pass the same scenes for both")
+    pairs = base_records is not None
     cards = []
-    for r, s in zip(records, scores.per_image):
+    for i, (r, s) in enumerate(zip(records, scores.per_image)):
+        if pairs:
+            images = (_image_figure(base_records[i], "base model", None, "variant base") +
+                      _image_figure(r, _lora_label(lora_scale), lora_scale, "variant lora"))
+        else:
+            images = _image_figure(r, _lora_label(lora_scale), lora_scale, "variant")
         cards.append(f"""
-  <figure class="scene">
-    <img src="{_data_uri(r['image'])}" alt="scene {r['index']}" width="{r['width']}" height="{r['height']}">
-    <figcaption>
+  <section class="scene">
+    <div class="images">{images}
+    </div>
+    <div class="caption">
       <b>{r['index']}. {e(r['framing'])} · {e(r['place'])}</b><br>{e(r['action'])}
       <dl><dt>prompt</dt><dd>{e(r['prompt'])}</dd>
-      <dt>seed</dt><dd>{r['seed']}</dd><dt>aesthetic score</dt><dd>{s:.3f}</dd></dl>
-    </figcaption>
-  </figure>""")
+      <dt>aesthetic score</dt><dd>{s:.3f}</dd></dl>
+    </div>
+  </section>""")
+    n_images = len(records) + (len(base_records) if pairs else 0)
     lora_rows = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in lora_info.items())
     note = "" if scores.meaningful else (
         "<p class='warn'>Tiny profile: random-weight models and an untrained scorer; the pictures and "
         "scores only show that every step ran.</p>")
+    layout = ("base model (left) and with the LoRA (right), same seeds"
+              if pairs else "one image per scene")
     page = f"""<!DOCTYPE html>
-<html lang="zh"><head><meta charset="utf-8">
+<html lang="zh-CN"><head><meta charset="utf-8">
 <title>{e(story.title)}</title>
 <style>
- body {{ font-family: sans-serif; margin: 2em; background: #faf8f3; color: #222; }}
- .grid {{ display: grid; grid-template-columns: repeat(4, 1fr); gap: 1em; }}
- .scene img {{ width: 100%; height: auto; image-rendering: auto; border-radius: 4px; }}
- figcaption {{ font-size: 0.85em; }} dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.3em 0; }}
+ body {{ font-family: {CJK_FONT_STACK}; margin: 2em; background: #faf8f3; color: #222; }}
+ .grid {{ display: grid; grid-template-columns: repeat({2 if pairs else 4}, minmax(0, 1fr)); gap: 1.2em; }}
+ .images {{ display: grid; grid-template-columns: repeat({2 if pairs else 1}, minmax(0, 1fr)); gap: 0.5em; }}
+ .variant {{ margin: 0; }} .label {{ font-size: 0.8em; font-weight: bold; color: #555; }}
+ .variant img {{ width: 100%; height: auto; image-rendering: auto; border-radius: 4px; display: block; }}
+ .settings {{ display: grid; grid-template-columns: auto 1fr; gap: 0 0.6em; font-size: 0.75em; margin: 0.2em 0; }}
+ .settings dt {{ font-weight: normal; color: #666; }} .settings dd {{ margin: 0; }}
+ .caption {{ font-size: 0.85em; }} dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.3em 0; }}
  .warn {{ color: #a33; }} table {{ border-collapse: collapse; }} th, td {{ padding: 2px 8px; text-align: left; }}
 </style></head>
-<body data-images-expected="{len(records)}">
+<body data-images-expected="{n_images}">
 <h1>{e(story.title)}</h1>
 <p><b>style</b>: {e(story.style)}<br><b>character</b>: {e(story.character)}<br>
-<b>negative prompt</b>: {e(story.negative)}<br><b>profile</b>: {e(profile_name)}</p>
+<b>negative prompt</b>: {e(story.negative)}<br><b>profile</b>: {e(profile_name)}<br>
+<b>images</b>: {e(layout)}</p>
 <p><b>mean aesthetic score</b>: {scores.mean:.3f} ({'valid' if scores.valid else 'below'} the challenge's bar of {scores.threshold})</p>
 {note}
 <div class="grid">{''.join(cards)}
@@ -161,8 +227,8 @@ def write_index(entries: list[dict], path: Path) -> Path:
                 if ent.get("gallery") else "no gallery")
         rows.append(f"<tr><td>{e(ent['name'])}</td><td>{e(ent['status'])}</td><td>{link}</td>"
                     f"<td>{e(ent.get('detail', ''))}</td></tr>")
-    path.write_text(f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>Class run</title>
-<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 10px;text-align:left}}</style></head>
+    path.write_text(f"""<!DOCTYPE html><html lang="zh-CN"><head><meta charset="utf-8"><title>Class run</title>
+<style>body{{font-family:{CJK_FONT_STACK};margin:2em}} td,th{{padding:4px 10px;text-align:left}}</style></head>
 <body><h1>Class run: {len(entries)} parameter sets</h1>
 <table><tr><th>set</th><th>status</th><th>gallery</th><th>detail</th></tr>{''.join(rows)}</table>
 </body></html>""", encoding="utf-8")

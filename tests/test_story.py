@@ -170,16 +170,126 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (make browser installs it)")
-def test_gallery_renders_in_headless_chromium(course_04, tmp_path):
-    page = course_04 / "gallery.html"
+# Injected into a copy of a gallery page: draws each distinct Chinese character of
+# the <h1> on a canvas in the title's own font, and compares the pixels with those
+# of characters no font draws (private-use code points), i.e. the missing-glyph box.
+# A character that comes out as that box, or two characters that come out alike,
+# are boxes ("tofu"): no font on the machine has them.
+_CJK_PROBE = r"""
+<script>
+window.addEventListener('load', function () {
+  document.fonts.ready.then(function () {
+    var h1 = document.querySelector('h1'), cs = getComputedStyle(h1);
+    var font = cs.fontStyle + ' ' + cs.fontWeight + ' ' + cs.fontSize + ' ' + cs.fontFamily;
+    function shape(ch) {
+      var c = document.createElement('canvas'); c.width = 96; c.height = 96;
+      var x = c.getContext('2d'); x.font = font; x.textBaseline = 'top'; x.fillStyle = '#000';
+      x.fillText(ch, 8, 8);
+      var d = x.getImageData(0, 0, 96, 96).data, bits = [];
+      for (var i = 3; i < d.length; i += 4) bits.push(d[i] > 100 ? 1 : 0);
+      return bits.join('');
+    }
+    var tofu = ['\uE000', '\uE123', '\uF0F0'].map(shape);
+    var chars = Array.from(new Set(Array.from(h1.textContent).filter(function (ch) {
+      return /[\u3400-\u9fff]/.test(ch); })));
+    var seen = {}, boxes = [];
+    chars.forEach(function (ch) {
+      var s = shape(ch);
+      if (tofu.indexOf(s) >= 0 || seen[s] || s.indexOf('1') < 0) boxes.push(ch);
+      seen[s] = true;
+    });
+    document.body.setAttribute('data-cjk-chars', chars.join(''));
+    document.body.setAttribute('data-cjk-boxes', boxes.join(''));
+    document.body.setAttribute('data-cjk-probe', 'done');
+  });
+});
+</script>
+"""
+
+
+def _render(page: Path, tmp_path: Path) -> str:
+    """The gallery (with the glyph probe added) as headless chromium leaves its DOM."""
+    probe = tmp_path / f"probe-{page.name}"
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _CJK_PROBE + "</body>"),
+                     encoding="utf-8")
     proc = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                            "--no-first-run", "--disable-background-networking", "--disable-component-update",
                            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-                           "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()],
+                           "--virtual-time-budget=5000", "--dump-dom", probe.resolve().as_uri()],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert 'data-images-loaded="8"' in proc.stdout, proc.stdout[:500]
+    return proc.stdout
+
+
+def _body_attr(dom: str, name: str) -> str | None:
+    import re
+    m = re.search(rf'<body[^>]*\s{name}="([^"]*)"', dom)
+    return m.group(1) if m else None
+
+
+def _assert_title_renders_in_cjk(dom: str):
+    assert _body_attr(dom, "data-cjk-probe") == "done", dom[:500]
+    chars, boxes = _body_attr(dom, "data-cjk-chars"), _body_attr(dom, "data-cjk-boxes")
+    assert chars, "the title has no Chinese characters to check"
+    assert boxes == "", (f"title characters {boxes!r} of {chars!r} render as boxes (tofu): no CJK font; "
+                         "`make browser` installs fonts-noto-cjk")
+
+
+def _gallery_inputs(n=8):
+    from PIL import Image
+    s = parse_story(_story_dict(n) | {"title": "水墨小狐狸的灯笼"})
+    colours = [(200, 30 * i, 40) for i in range(n)]
+
+    def recs(shift):
+        return [{"index": i + 1, "prompt": s.prompt(i), "negative_prompt": s.negative, "seed": sc.seed,
+                 "cfg_scale": 4.0, "steps": 2, "height": 64, "width": 64, "framing": sc.framing,
+                 "place": sc.place, "action": sc.action,
+                 "image": Image.new("RGB", (64, 64), tuple((c + shift) % 256 for c in colours[i]))}
+                for i, sc in enumerate(s.scenes)]
+    scores = scoring.Scores([5.0] * n, 5.0, 6.0, False)
+    return s, recs(0), recs(90), scores
+
+
+def test_gallery_pairs_base_and_lora_with_each_images_settings(tmp_path):
+    s, base, lora, scores = _gallery_inputs()
+    info = {"file": "runs/x/lora.safetensors", "scale": 0.8, "lora_rank": 4}
+    page = gallery.write_gallery(lora, s, scores, info, tmp_path / "g.html", "tiny", base_records=base).read_text(
+        encoding="utf-8")
+    assert 'data-images-expected="16"' in page and page.count("<img ") == 16
+    assert page.count('class="variant base"') == 8 and page.count('class="variant lora"') == 8
+    # base left, LoRA right, in every scene
+    for scene in page.split('<section class="scene">')[1:]:
+        assert scene.index('class="variant base"') < scene.index('class="variant lora"')
+        assert "<dt>LoRA scale</dt><dd>none (base model)</dd>" in scene
+        assert "<dt>LoRA scale</dt><dd>0.8</dd>" in scene
+        assert "<dt>steps</dt><dd>2</dd>" in scene and "<dt>cfg</dt><dd>4.0</dd>" in scene
+    assert "<dt>seed</dt><dd>7</dd>" in page
+    assert gallery.CJK_FONT_STACK in page and "Noto Sans CJK SC" in gallery.CJK_FONT_STACK
+    # one image per scene without base images; no LoRA: the scale says so
+    single = gallery.write_gallery(base, s, scores, {"file": "none (base model)", "scale": 0.8},
+                                   tmp_path / "b.html", "tiny").read_text(encoding="utf-8")
+    assert single.count("<img ") == 8 and "variant base" not in single
+    assert single.count("<dd>none (base model)</dd>") == 8
+    with pytest.raises(ValueError, match="same scenes"):
+        gallery.write_gallery(lora, s, scores, info, tmp_path / "x.html", "tiny", base_records=base[:3])
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (make browser installs it)")
+def test_gallery_side_by_side_renders_with_chinese_title_in_chromium(tmp_path):
+    s, base, lora, scores = _gallery_inputs()
+    page = gallery.write_gallery(lora, s, scores, {"file": "l.safetensors", "scale": 0.8}, tmp_path / "g.html",
+                                 "tiny", base_records=base)
+    dom = _render(page, tmp_path)
+    assert _body_attr(dom, "data-images-loaded") == "16", dom[:500]
+    _assert_title_renders_in_cjk(dom)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (make browser installs it)")
+def test_gallery_renders_in_headless_chromium(course_04, tmp_path):
+    dom = _render(course_04 / "gallery.html", tmp_path)
+    expected = _body_attr(dom, "data-images-expected")
+    assert expected in ("8", "16") and _body_attr(dom, "data-images-loaded") == expected, dom[:500]
+    _assert_title_renders_in_cjk(dom)
 
 
 def test_batch_of_two_sets_makes_two_galleries_and_an_index(tmp_path):
