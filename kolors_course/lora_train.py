@@ -214,7 +214,7 @@ def estimate_gpu_memory_gb(cfg: TrainConfig, unet_params: float = 2.58e9) -> flo
 
 def preflight(cfg: TrainConfig, device: str) -> list[str]:
     """Compare free GPU memory with what the settings need; return advice (empty: fits)."""
-    if device == "cpu":
+    if not is_cuda(device):
         return []
     need = estimate_gpu_memory_gb(cfg)
     free = torch.cuda.mem_get_info()[0] / 1e9
@@ -305,12 +305,12 @@ class SampleStream:
     """An endless, seeded stream of sample indices: a fresh permutation each epoch.
 
     Its position is one integer, so a resumed run continues with exactly the
-    samples the interrupted one would have seen.
+    samples the interrupted one would have seen.  With several processes every
+    process walks the same stream and takes its slice of each global batch.
     """
 
-    def __init__(self, n: int, seed: int, cursor: int = 0, shard: tuple[int, int] = (0, 1)):
+    def __init__(self, n: int, seed: int, cursor: int = 0):
         self.n, self.seed, self.cursor = n, seed, cursor
-        self.rank, self.world = shard
         self._epoch, self._perm = -1, []
 
     def _permutation(self, epoch: int) -> list[int]:
@@ -321,11 +321,9 @@ class SampleStream:
 
     def next(self, k: int) -> list[int]:
         out = []
-        while len(out) < k:
+        for _ in range(k):
             epoch, pos = divmod(self.cursor, self.n)
-            idx = self._permutation(epoch)[pos]
-            if idx % self.world == self.rank:
-                out.append(idx)
+            out.append(self._permutation(epoch)[pos])
             self.cursor += 1
         return out
 
@@ -569,7 +567,7 @@ class PeakMemory:
     """
 
     def __init__(self, device: str):
-        self.cuda = device != "cpu"
+        self.cuda = is_cuda(device)
         self.overall = 0.0
 
     def now_peak(self) -> float:
@@ -674,7 +672,7 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
 
     data = prepare_data(pipe, rows, cfg, device, pipe.torch_dtype)
     _check_data(data, cfg, accelerator.num_processes)
-    if device != "cpu":        # frozen parts leave the GPU once their work is cached
+    if is_cuda(device):        # frozen parts leave the GPU once their work is cached
         _training_placement(pipe, cfg)
         torch.cuda.empty_cache()
     unet = pipe.unet
@@ -689,7 +687,7 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     noise_schedule = copy.deepcopy(pipe.scheduler)
     noise_schedule.set_timesteps(noise_schedule.num_train_timesteps, training=True)
     gen = torch.Generator().manual_seed(cfg.seed)
-    stream = SampleStream(len(data), cfg.seed, shard=(accelerator.process_index, accelerator.num_processes))
+    stream = SampleStream(len(data), cfg.seed)
     state = RunState()
     if saved is not None and resume in ("auto", True):
         state = load_checkpoint(ckpts[-1], saved, unet, optimizer, lr_schedule, gen, stream)
@@ -709,15 +707,15 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
                 micro = []
                 for _ in range(cfg.grad_accum):
                     with accelerator.accumulate(unet_t):
-                        loss = _micro_step(unet_t, data, stream.next(cfg.batch_size), cfg, pipe, noise_schedule,
-                                           gen, accelerator)
+                        loss = _micro_step(unet_t, data, stream.next(cfg.batch_size * accelerator.num_processes),
+                                           cfg, pipe, noise_schedule, gen, accelerator)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and cfg.max_grad_norm:
                             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                         optimizer.step()
                         lr_schedule.step()
                         optimizer.zero_grad(set_to_none=True)
-                    micro.append(float(loss.detach()))
+                    micro.append(float(accelerator.reduce(loss.detach(), "mean")))   # the global batch's loss
                 state.step += 1
                 value = sum(micro) / len(micro)      # the step's loss: the mean over its micro-batches
                 if not math.isfinite(value) or not _all_finite(params):
@@ -778,8 +776,13 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     return res
 
 
+def is_cuda(device) -> bool:
+    """True for "cuda", "cuda:1" ...; a process of a multi-CPU run has device "cpu:0"."""
+    return torch.device(device).type == "cuda"
+
+
 def device_is_gpu(pipe) -> bool:
-    return str(pipe.device) != "cpu"
+    return is_cuda(pipe.device)
 
 
 def _training_placement(pipe, cfg: TrainConfig) -> None:
@@ -804,24 +807,34 @@ def _lora_file_metadata(cfg: TrainConfig, profile: Profile) -> dict:
                          trigger_words=list(cfg.trigger_words), training=training)
 
 
-def _micro_step(unet_t, data, idx, cfg, pipe, scheduler, gen, accelerator):
+def _micro_step(unet_t, data, global_idx, cfg, pipe, scheduler, gen, accelerator):
+    """The loss of this process's share of one global batch.
+
+    Every process draws the random numbers of the whole global batch from the same
+    generator and keeps its slice, so N processes with batch_size b train exactly
+    as one process with batch_size N*b (the gradients are averaged across them).
+    """
     device = accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
+    share = len(global_idx) // world
+    flips = [bool(cfg.random_flip and torch.rand((), generator=gen) < 0.5) for _ in global_idx]
+    side = cfg.resolution // 8
+    noise_all = torch.randn((len(global_idx), 4, side, side), generator=gen)
+    tid = int(torch.randint(0, len(scheduler.timesteps), (1,), generator=gen))
+    mine = slice(rank * share, (rank + 1) * share)
     latents, emb, pooled = [], [], []
-    for i in idx:
+    for i, flip in zip(global_idx[mine], flips[mine]):
         item = data[i]
         if "latents" in item:
             lat = item["latents"]
         else:
             with torch.no_grad():
                 lat = pipe.vae_encoder(item["pixels"][None].to(device=device, dtype=pipe.torch_dtype)).float().cpu()
-        if cfg.random_flip and torch.rand((), generator=gen) < 0.5:
-            lat = torch.flip(lat, dims=[3])
-        latents.append(lat)
+        latents.append(torch.flip(lat, dims=[3]) if flip else lat)
         emb.append(item["encoder_hidden_states"])
         pooled.append(item["add_text_embeds"])
     latents = torch.cat(latents).to(device)
-    noise = torch.randn(latents.shape, generator=gen).to(device)
-    tid = int(torch.randint(0, len(scheduler.timesteps), (1,), generator=gen))
+    noise = noise_all[mine].to(device)
     timestep = scheduler.timesteps[tid].to(device)
     noisy = scheduler.add_noise(latents, noise, timestep)
     target = scheduler.training_target(latents, noise, timestep)
