@@ -49,6 +49,7 @@ class Profile:
     dataset_limit: int | None = None
     min_side: int = 48                    # data-juicer image_shape_filter minimum
     min_file_size: str | None = "1KB"     # data-juicer image_size_filter minimum
+    trigger_word: str = "几何风"          # first in every caption; calls up the LoRA in a prompt
     # -- training --------------------------------------------------------------
     train_resolution: int = 64
     train_steps: int = 60
@@ -114,6 +115,7 @@ KOLORS = Profile(
     dataset="AI-ModelScope/lowres_anime",
     min_side=1024,
     min_file_size=None,
+    trigger_word="二次元风",               # fits the anime data set
     train_resolution=1024,
     train_steps=500,
     lora_rank=16,
