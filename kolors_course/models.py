@@ -75,6 +75,15 @@ def ensure_weights(profile: Profile, download: bool = True) -> ModelFiles:
     if profile.model_source == "tiny":
         tiny_models.build_tiny_models(profile.cache_path)
         return files
+    if profile.model_source == "rehearsal":
+        # random Kolors-sized weights, written by `kolors-course rehearsal` (about 18 GB): never downloaded
+        from .rehearsal import MARKER, cache_complete
+
+        if not cache_complete(profile.cache_path):
+            raise MissingWeightsError(
+                f"the {profile.name} profile's random weights are not (completely) in {profile.cache_path} "
+                f"({MARKER} missing): write them with `kolors-course rehearsal --weights-only`")
+        return files
     if not files.missing():
         return files
     if not download:
@@ -243,6 +252,11 @@ def check_text_encoder_complete(folder: Path, model) -> None:
     stored = text_encoder_file_keys(Path(folder))
     if stored is None:
         return
+    # the published shards name ChatGLMModel's weights with its base_model_prefix ("transformer.");
+    # transformers strips it when it loads them into the bare model
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if prefix != "." and stored and all(k.startswith(prefix) for k in stored):
+        stored = {k[len(prefix):] for k in stored}
     expected = set(model.state_dict())
     missing = sorted(k for k in expected - stored if not k.endswith("inv_freq"))
     if missing:

@@ -28,6 +28,11 @@ FULL_MODE_MIN_GPU_GB = 25.0
 MEMORY_MODES = ("auto", "full", "offload")
 
 
+#: where a profile's models come from, for its summary
+MODEL_SOURCES = {"tiny": "the kit (tiny, built locally)", "modelscope": "ModelScope",
+                 "rehearsal": "random Kolors-sized weights (the dress rehearsal)"}
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -92,7 +97,7 @@ class Profile:
     def summary(self) -> str:
         return (f"profile {self.name}: {self.width}x{self.height}, {self.steps} steps, "
                 f"cfg {self.cfg_scale}, {self.dtype} on {self.device} (memory mode {self.memory_mode}), models from "
-                f"{'the kit (tiny, built locally)' if self.model_source == 'tiny' else 'ModelScope'}"
+                f"{MODEL_SOURCES.get(self.model_source, self.model_source)}"
                 f", cache {self.cache_path}")
 
 
@@ -190,6 +195,9 @@ def choose_profile(name: str = "auto", verbose: bool = True, **overrides) -> Pro
             print(f"profile 'auto' chose '{chosen.name}' because {why}.")
     elif name in PROFILES:
         chosen = PROFILES[name]
+    elif name == "kolors-rehearsal":    # defined beside its weight writer
+        from .rehearsal import REHEARSAL as chosen
     else:
-        raise ValueError(f"unknown profile {name!r}: choose one of 'auto', 'tiny', 'kolors'")
+        raise ValueError(f"unknown profile {name!r}: choose one of 'auto', 'tiny', 'kolors' "
+                         "(or 'kolors-rehearsal', the kolors profile on a CPU with random weights)")
     return chosen.with_(**overrides) if overrides else chosen

@@ -71,7 +71,7 @@ def build_tiny_scorer(folder: Path) -> Path:
 
 
 def scorer_folder(profile) -> Path:
-    if profile.name == "tiny":
+    if profile.scorer == "tiny":
         return build_tiny_scorer(profile.cache_path / "aesthetics-predictor-tiny")
     folder = profile.cache_path / SCORER_ID
     if not (folder / "config.json").exists():
@@ -93,7 +93,7 @@ class AestheticScorer:
         from transformers import CLIPImageProcessor
 
         folder = scorer_folder(profile)
-        self.meaningful = profile.name != "tiny"
+        self.meaningful = profile.scorer != "tiny"
         self.device = device or ("cuda" if profile.device == "cuda" and torch.cuda.is_available() else "cpu")
         self.processor = CLIPImageProcessor.from_pretrained(str(folder))
         self.model = AestheticsPredictorV2Linear.from_pretrained(str(folder)).to(self.device).eval()
