@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run course notebooks headless with papermill")
     r.add_argument("notebooks", nargs="*", help="names such as 01 or 01_text_to_image (default: all)")
-    r.add_argument("--profile", default="tiny", choices=["auto", "tiny", "kolors"])
+    r.add_argument("--profile", default="tiny", choices=["auto", "tiny", "kolors", "kolors-rehearsal"])
     r.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="a notebook parameter (repeatable)")
     r.add_argument("--out", default="runs/course", help="output folder (default runs/course)")
@@ -129,12 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a LoRA (also under `accelerate launch -m kolors_course.cli train`)")
     t.add_argument("--dataset", required=True, help="a training set built by notebook 02 (folder with train/)")
     t.add_argument("--run", required=True, help="the run folder (checkpoints, samples, LoRA files)")
-    t.add_argument("--profile", default="auto", choices=["auto", "tiny", "kolors"])
+    t.add_argument("--profile", default="auto", choices=["auto", "tiny", "kolors", "kolors-rehearsal"])
     t.add_argument("-s", "--setting", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="a TrainConfig field, e.g. -s rank 32 -s max_steps 1000 (repeatable)")
     t.add_argument("--resume", default="auto", choices=["auto", "yes", "no"])
     t.add_argument("--overwrite", action="store_true", help="train again over a finished run")
     t.set_defaults(func=cmd_train)
+
+    h = sub.add_parser("rehearsal", add_help=False,
+                       help="the kolors profile on this CPU with Kolors-sized random weights (make rehearsal)")
+    h.add_argument("args", nargs=argparse.REMAINDER)
+    h.set_defaults(func=None)      # main() hands its arguments to kolors_course.rehearsal
 
     e = sub.add_parser("env", help="report the environment and whether a restart is needed")
     e.set_defaults(func=cmd_env)
@@ -147,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["rehearsal"]:     # its own options (--out, --cache, --weights-only, notebooks)
+        from .rehearsal import main as rehearsal_main
+
+        return rehearsal_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
