@@ -9,12 +9,13 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 NAME   ?= course
 PROFILE ?= tiny
 
-.PHONY: env course test bench strip clean help browser
+.PHONY: env course test bench strip clean help browser rehearsal
 
 help:
 	@echo "make course   run every notebook headless on the tiny profile into runs/$(NAME)/"
 	@echo "make test     run the whole test suite"
 	@echo "make bench    run the benchmarks in bench/"
+	@echo "make rehearsal  notebooks 00-04 on the kolors profile on this CPU, Kolors-sized random weights (~18 GB in cache/rehearsal)"
 	@echo "make strip    strip outputs from the notebooks"
 	@echo "make browser  install Debian's chromium for the gallery test (root, apt)"
 
@@ -52,6 +53,15 @@ browser:
 	  else \
 	    echo "not installed (needs root and apt):$$missing; without chromium the gallery browser test is skipped"; \
 	  fi
+
+# The kolors profile's dress rehearsal (not part of `make test`): random weights of the real
+# Kolors sizes in the real download's layout (written once into cache/rehearsal, about 18 GB),
+# then every notebook on the kolors profile with a CPU's numbers (bfloat16, 128 px, 2 steps).
+# Needs about 20 GB of memory and 19 GB of disk; figures in README, "Measured figures".
+rehearsal: env
+	mkdir -p runs/rehearsal
+	/usr/bin/time -v -o runs/rehearsal/time.txt $(VENV)/bin/kolors-course rehearsal --out runs/rehearsal; \
+	  rc=$$?; grep -E "Elapsed|Maximum resident" runs/rehearsal/time.txt; exit $$rc
 
 strip: env
 	$(VENV)/bin/nbstripout notebooks/*.ipynb
