@@ -189,6 +189,7 @@ def build_training_set(source: str, out: str | os.PathLike, recipe: Recipe | Non
                                   counts=counts, sources={it.id: it.path for it in items}, inputs=inp)
         (tmp / MARKER).write_text(json.dumps({
             "source": source, "recipe": asdict(recipe), "captions": asdict(captions),
+            "trigger_word": captions.trigger,      # notebook 03 trains with it (kolors_course.trigger)
             "limit": limit, "seed": seed, "n_in": n_in, "n_rows": inp["metadata_rows"], "n_out": len(final),
             "counts": counts, "seconds": round(time.perf_counter() - t0, 1),
         }, indent=2, ensure_ascii=False), encoding="utf-8")

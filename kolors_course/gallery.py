@@ -126,6 +126,7 @@ def write_gallery(records: list, story, scores, lora_info: dict, path: Path, pro
 <h1>{e(story.title)}</h1>
 <p><b>style</b>: {e(story.style)}<br><b>character</b>: {e(story.character)}<br>
 <b>negative prompt</b>: {e(story.negative)}<br><b>profile</b>: {e(profile_name)}<br>
+<b>trigger word</b>: {e(getattr(story, "trigger", "") or "(none)")}<br>
 <b>images</b>: {e(layout)}</p>
 <p><b>mean aesthetic score</b>: {scores.mean:.3f} ({'valid' if scores.valid else 'below'} the challenge's bar of {scores.threshold})</p>
 {note}
@@ -163,9 +164,85 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def modelscope_repo_name(team: str, lora_name: str) -> str:
+    """The repository part of the ModelScope model id: Latin letters, digits, '-', '_', '.'
+    (the challenge's Chinese name goes into the model's Chinese name, ``chinese_name``)."""
+    parts = [re.sub(r"[^A-Za-z0-9._-]+", "-", x).strip("-._") for x in (team, "kolors-lora", lora_name)]
+    return "-".join(p for p in parts if p)
+
+
+def post_title(team: str, link: str) -> str:
+    """The discussion post's title, in the challenge's format: 天池平台报名队伍名称+LoRA模型链接地址+作品图(8图故事)."""
+    if not team.strip():
+        raise ValueError("team_name is empty: the post's title starts with the team's name on Tianchi")
+    return f"{team.strip()}+{link}+作品图(8图故事)"
+
+
+def upload_text(bundle: Path, team: str, story, records: list, scores, lora_meta: dict, settings: dict,
+                modelscope_user: str | None = None) -> str:
+    """UPLOAD.md: the ModelScope upload (the SDK call, shown, never run by the kit) and the
+    discussion post's title and text, ready to paste."""
+    from .paths import relative_to_root
+    from .trigger import lora_trigger_words
+
+    name = bundle.name                                     # 队伍名称-可图Kolors训练-xxxxxx
+    user = modelscope_user or "<你的魔搭用户名 / your ModelScope user name>"
+    model_id = f"{user}/{modelscope_repo_name(team, name.rsplit('-', 1)[-1])}"
+    link = f"https://www.modelscope.cn/models/{model_id}"
+    trig = "，".join(lora_trigger_words(lora_meta)) or "(none)"
+    verdict = "meets" if scores.valid else "is BELOW"
+    lines = [f"# Submitting {name}", "",
+             "## 1. Upload the LoRA to ModelScope (魔搭模型库)", "",
+             f"The challenge names the model `{name}` (队伍名称-可图Kolors训练-xxxxxx): it is the model's "
+             "Chinese name (`chinese_name`, 模型中文名称). The repository id keeps to Latin letters, digits, "
+             f"'-', '_' and '.': `{model_id}`. Create an access token at "
+             "https://www.modelscope.cn/my/myaccesstoken, then run, in this folder's parent, with the "
+             "token in the environment (never in a file you share):", "",
+             "```python",
+             "import os",
+             "from modelscope.hub.api import HubApi",
+             "",
+             "api = HubApi()",
+             'api.login(os.environ["MODELSCOPE_API_TOKEN"])',
+             "api.push_model(",
+             f"    model_id={model_id!r},",
+             f"    model_dir={name!r},",
+             f"    chinese_name={name!r},",
+             "    visibility=5,                     # 5: public, so the judges can download it (1: private)",
+             '    ignore_patterns=["UPLOAD.md"],',
+             f"    commit_message={('LoRA and 8-image story: ' + story.title)!r},",
+             ")",
+             "```", "",
+             f"The kit only shows this call; it never uploads. (Folder here: `{relative_to_root(bundle)}`.) "
+             f"The model page is then {link}", "",
+             "## 2. The post in the competition's discussion area (天池论坛)", "",
+             "Title (标题):", "", "```", post_title(team, link), "```", "",
+             "Text (正文):", "", "```",
+             f"队伍 (team): {team.strip()}",
+             f"LoRA 模型 (model): {link}",
+             f"触发词 (trigger word): {trig}",
+             f"故事 (story): {story.title}",
+             f"设置 (settings): {settings['width']}x{settings['height']}, {settings['steps']} steps, "
+             f"cfg_scale {settings['cfg_scale']}, LoRA scale {settings['lora_scale']}",
+             f"负面提示词 (negative prompt): {story.negative}",
+             f"美学评分 (aesthetic score): {scores.mean:.3f} ({verdict} the bar of {scores.threshold:g})"
+             + ("" if scores.meaningful else " [tiny profile: meaningless]"),
+             "", "8 张图的提示词 (the 8 prompts):"]
+    lines += [f"{r['index']}. (seed {r['seed']}) {r['prompt']}" for r in records]
+    lines += ["```", "",
+              "Attach `grid.png` and the eight images in `images/` (作品图); `prompts.json` has every "
+              "setting needed to make each image again."]
+    if not scores.valid:
+        lines += ["", f"**Warning**: the mean aesthetic score {scores.mean:.3f} is below {scores.threshold:g}: "
+                  "an entry under the bar is not judged."]
+    return "\n".join(lines) + "\n"
+
+
 def write_bundle(dest_parent: Path, team: str, story, records: list, scores, lora_files: dict,
-                 lora_meta: dict, settings: dict, grid: Path, gallery: Path) -> Path:
-    """Everything the challenge asks for, in one folder, with a manifest of hashes and versions."""
+                 lora_meta: dict, settings: dict, grid: Path, gallery: Path,
+                 modelscope_user: str | None = None) -> Path:
+    """Everything the challenge asks for, in one folder, with a manifest of hashes and versions,
+    and ``UPLOAD.md``: the ModelScope upload call and the discussion post, ready to paste."""
     from .envinfo import environment_report
 
     name = team_folder_name(team, Path(story.source).stem or "story")
@@ -182,10 +259,18 @@ def write_bundle(dest_parent: Path, team: str, story, records: list, scores, lor
     prompts = [{k: v for k, v in r.items() if k != "image"} | {"file": f"images/{r['index']:02d}.png",
                                                               "lora_scale": settings["lora_scale"]}
                for r in records]
-    (tmp / "prompts.json").write_text(json.dumps({"story": story.to_dict(), "images": prompts},
+    (tmp / "prompts.json").write_text(json.dumps({"story": story.to_dict(), "trigger_word": story.trigger,
+                                                  "images": prompts},
                                                  indent=2, ensure_ascii=False), encoding="utf-8")
     (tmp / "scores.json").write_text(json.dumps(scores.to_dict(), indent=2), encoding="utf-8")
-    (tmp / "model_card.md").write_text(model_card(team, story, lora_meta, settings, scores), encoding="utf-8")
+    card = model_card(team, story, lora_meta, settings, scores)
+    (tmp / "model_card.md").write_text(card, encoding="utf-8")
+    # what ModelScope shows on the model page, and the configuration file push_model looks for
+    (tmp / "README.md").write_text("---\ntasks:\n- text-to-image-synthesis\n---\n\n" + card, encoding="utf-8")
+    (tmp / "configuration.json").write_text(json.dumps({"framework": "pytorch", "task": "text-to-image-synthesis"},
+                                                       indent=2), encoding="utf-8")
+    (tmp / "UPLOAD.md").write_text(upload_text(final, team, story, records, scores, lora_meta, settings,
+                                               modelscope_user), encoding="utf-8")
     env = environment_report(str(dest_parent))
     files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "manifest.json").write_text(json.dumps({
@@ -199,17 +284,22 @@ def write_bundle(dest_parent: Path, team: str, story, records: list, scores, lor
 
 
 def model_card(team: str, story, meta: dict, settings: dict, scores) -> str:
-    trig = ", ".join(json.loads(meta.get("trigger_words", "[]"))) or "(none)"
+    from .trigger import lora_trigger_words
+
+    words = lora_trigger_words(meta)
+    trig = ", ".join(words) or "(none)"
     training = json.loads(meta.get("training", "{}") or "{}")
     lines = [f"# {team} - Kolors LoRA", "",
              f"A LoRA for Kwai-Kolors (可图), base model `{meta.get('base_model', '?')}`.", "",
-             f"- trigger words: {trig}",
+             f"- trigger words: {trig}" + (" (put them first in the prompt; the story's prompts do)" if words else ""),
              f"- rank {meta.get('lora_rank')}, alpha {meta.get('lora_alpha')} "
              f"(applied as alpha/rank = {meta.get('lora_scale')})",
              f"- recommended LoRA scale: {settings['lora_scale']} (1.0 = as trained)",
              f"- story: {story.title}; 8 images, {settings['width']}x{settings['height']}, "
              f"{settings['steps']} steps, cfg_scale {settings['cfg_scale']}; seeds and prompts in prompts.json",
-             f"- mean aesthetic score: {scores.mean:.3f}" + ("" if scores.meaningful else " (tiny profile: meaningless)"),
+             f"- prompt of scene 1: {story.prompt(0)}",
+             f"- mean aesthetic score: {scores.mean:.3f} ({'meets' if scores.valid else 'below'} the bar of "
+             f"{scores.threshold:g})" + ("" if scores.meaningful else " (tiny profile: meaningless)"),
              "", "## Files", "",
              "- `lora.safetensors`: DiffSynth layout (`ModelManager.load_lora(path, lora_alpha=scale*alpha/rank)`)",
              "- `lora_kohya.safetensors`: kohya/SDXL layout for ComfyUI (`LoraLoaderModelOnly` after the Kolors-MZ "

@@ -65,9 +65,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_last: int = 2
     validate_every: int | None = None       # None: only at the end
-    validation_prompts: tuple = ("一个红色的圆形，蓝色背景",)
+    validation_prompts: tuple = ("一个红色的圆形，蓝色背景",)   # each gets the trigger words first
     validation_seeds: tuple = (0,)
-    trigger_words: tuple = ()
+    trigger_words: tuple = ()               # in the captions; recorded in the LoRA files and model card
 
     @classmethod
     def coerce(cls, name: str, value):
@@ -130,11 +130,24 @@ class TrainConfig:
         if unknown:
             raise TypeError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
         base.update({k: cls.coerce(k, v) for k, v in overrides.items()})
-        return cls(**base)
+        cfg = cls(**base)
+        cfg.validation_prompts = cfg.prompts_for_validation()
+        return cfg
+
+    def prompts_for_validation(self) -> tuple:
+        """The validation prompts, each with the trigger words first: they show what the LoRA
+        does when it is called up the way the story will call it."""
+        from .trigger import with_trigger
+
+        return tuple(with_trigger(p, self.trigger_words) for p in self.validation_prompts)
 
     def validate(self) -> None:
         for f in fields(self):          # a TrainConfig built directly gets the same type checks
             setattr(self, f.name, self.coerce(f.name, getattr(self, f.name)))
+        from .trigger import words
+
+        self.trigger_words = tuple(words(self.trigger_words))
+        self.validation_prompts = self.prompts_for_validation()
         problems = []
         if not isinstance(self.rank, int) or self.rank < 1:
             problems.append(f"rank={self.rank!r}: use a positive integer (4-64; the course uses 16)")
@@ -509,6 +522,10 @@ def load_finished_run(run_dir: Path, cfg: TrainConfig, rows) -> TrainResult:
 
     recorded = json.loads((run_dir / "train_config.json").read_text(encoding="utf-8"))
     problems = changed_settings({k: v for k, v in recorded.items() if k in config_record(cfg)}, cfg)
+    if recorded.get("trigger_words", []) != list(cfg.trigger_words):
+        # the files record their trigger words: a run with other words is another LoRA
+        problems.append(f"trigger_words: {recorded.get('trigger_words', [])!r} in the files, "
+                        f"{list(cfg.trigger_words)!r} now")
     if recorded.get("dataset_fingerprint") not in (None, dataset_fingerprint(rows)):
         problems.append("the training set changed since it was trained")
     if problems:
@@ -600,6 +617,12 @@ def _check_data(data: list, cfg: TrainConfig, processes: int) -> None:
         warnings.warn(f"{empty} of {len(data)} training captions are empty: those images train the model "
                       "without any prompt. Add captions (notebook 02's caption editor) unless that is intended.",
                       stacklevel=3)
+    for word in cfg.trigger_words:
+        n = sum(1 for item in data if word in item["text"])
+        if n == 0:
+            warnings.warn(f"the trigger word {word!r} is in none of the {len(data)} training captions: the LoRA "
+                          "cannot learn to answer to it. Build the data set with it (notebook 02's trigger_word) "
+                          "or train with the word the captions use.", stacklevel=3)
 
 
 def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | os.PathLike,

@@ -1,7 +1,8 @@
 """The challenge's aesthetic score: LAION aesthetic predictor v2 (sac+logos+ava1,
 linear MSE head) on a CLIP ViT-L/14 image embedding, through the
 ``simple-aesthetics-predictor`` package.  An entry whose mean score is below 6
-is invalid.
+is invalid; the organisers may move that bar, so it is a parameter
+(``AestheticScorer(profile, threshold=...)``, ``Scores.with_threshold``).
 
 kolors profile: the real predictor from ModelScope (about 1.2 GB).
 tiny profile: the same classes with a tiny, deterministic, untrained
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 SCORER_ID = "AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
-VALIDITY_THRESHOLD = 6.0
+VALIDITY_THRESHOLD = 6.0      # the challenge's bar by default; the organisers may change it
 
 
 class ScorerError(RuntimeError):
@@ -33,6 +34,10 @@ class Scores:
     @property
     def valid(self) -> bool:
         return self.mean >= self.threshold
+
+    def with_threshold(self, threshold: float) -> "Scores":
+        """The same scores judged against another bar."""
+        return Scores(list(self.per_image), self.mean, _threshold(threshold), self.meaningful)
 
     def report(self) -> str:
         lines = [f"  image {i + 1}: {s:.3f}" for i, s in enumerate(self.per_image)]
@@ -87,8 +92,19 @@ def scorer_folder(profile) -> Path:
     return folder
 
 
+def _threshold(value) -> float:
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise ScorerError(f"threshold={value!r}: use a number such as 6 (the challenge's bar)") from None
+    if not 0 <= t <= 10:
+        raise ScorerError(f"threshold={value!r}: aesthetic scores run from 0 to 10")
+    return t
+
+
 class AestheticScorer:
-    def __init__(self, profile, device: str | None = None):
+    def __init__(self, profile, device: str | None = None, threshold: float = VALIDITY_THRESHOLD):
+        self.threshold = _threshold(threshold)
         from aesthetics_predictor import AestheticsPredictorV2Linear
         from transformers import CLIPImageProcessor
 
@@ -105,4 +121,4 @@ class AestheticScorer:
         inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
         out = self.model(pixel_values=inputs["pixel_values"].to(self.device))
         vals = [round(float(v), 4) for v in out.logits.flatten().cpu()]
-        return Scores(vals, round(sum(vals) / len(vals), 4), VALIDITY_THRESHOLD, self.meaningful)
+        return Scores(vals, round(sum(vals) / len(vals), 4), self.threshold, self.meaningful)

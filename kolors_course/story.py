@@ -5,7 +5,7 @@ reproducibly with or without a LoRA.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -38,12 +38,22 @@ class Story:
     scenes: list
     settings: dict = field(default_factory=dict)
     source: str = ""
+    trigger: str = ""      # the LoRA's trigger word(s), first in every prompt (see ``with_trigger``)
 
     def prompt(self, i: int) -> str:
-        """The course's template: style, framing, character, place, action."""
+        """The course's template: style, framing, character, place, action; the trigger word first."""
         s = self.scenes[i]
         sep = "，" if _is_chinese(self.style + self.character) else ", "
-        return sep.join(p.strip() for p in (self.style, s.framing, self.character, s.place, s.action) if p.strip())
+        return sep.join(p.strip() for p in (self.trigger, self.style, s.framing, self.character, s.place, s.action)
+                        if p.strip())
+
+    def with_trigger(self, words) -> "Story":
+        """A copy whose prompts start with the LoRA's trigger word(s) (none: the story as written)."""
+        from .trigger import words as as_words
+
+        ws = as_words(words)
+        sep = "，" if _is_chinese(self.style + self.character + "".join(ws)) else ", "
+        return replace(self, trigger=sep.join(ws))
 
     def prompts(self) -> list[str]:
         return [self.prompt(i) for i in range(len(self.scenes))]
