@@ -193,9 +193,9 @@ def upload_text(bundle: Path, team: str, story, records: list, scores, lora_meta
     verdict = "meets" if scores.valid else "is BELOW"
     lines = [f"# Submitting {name}", "",
              "## 1. Upload the LoRA to ModelScope (魔搭模型库)", "",
-             f"The challenge names the model `{name}` (队伍名称-可图Kolors训练-xxxxxx): it is the model's "
-             "Chinese name (`chinese_name`, 模型中文名称). The repository id keeps to Latin letters, digits, "
-             f"'-', '_' and '.': `{model_id}`. Create an access token at "
+             f"The challenge asks for the model name `{name}` (队伍名称-可图Kolors训练-xxxxxx); the call below "
+             "gives it as the model's Chinese name (`chinese_name`, 模型中文名称) and keeps the repository id to "
+             f"Latin letters, digits, '-', '_' and '.': `{model_id}`. Create an access token at "
              "https://www.modelscope.cn/my/myaccesstoken, then run, in this folder's parent, with the "
              "token in the environment (never in a file you share):", "",
              "```python",
