@@ -80,6 +80,22 @@ def kernel_manager_class():
         def _default_transport(self):
             return "ipc"
 
+        @default("ip")
+        def _default_ip(self):
+            # the sockets' path prefix; jupyter_client's default is relative ("kernel-ipc"),
+            # which put the sockets in the notebook's folder: use a private folder instead
+            import tempfile
+
+            self._ipc_dir = tempfile.mkdtemp(prefix="kolors-course-ipc-")
+            return os.path.join(self._ipc_dir, "kernel")
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart and getattr(self, "_ipc_dir", None):
+                import shutil
+
+                shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
     return IPCKernelManager
 
 

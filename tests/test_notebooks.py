@@ -131,3 +131,11 @@ def test_course_run_prints_no_kernel_warnings(course_run):
     noise = [line for line in (proc.stdout + proc.stderr).splitlines()
              if "without encryption" in line or _WARNING_TEXT.search(line)]
     assert not noise, "\n".join(noise[:10])
+
+
+def test_a_course_run_leaves_nothing_beside_the_notebooks(course_run):
+    """The kernels' IPC sockets once landed in notebooks/ (their relative default path) and stayed."""
+    proc, _ = course_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    strays = [p.name for p in (ROOT / "notebooks").iterdir() if p.suffix != ".ipynb"]
+    assert not strays, strays
