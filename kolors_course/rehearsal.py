@@ -48,7 +48,7 @@ REHEARSAL = KOLORS.with_(
     name="kolors-rehearsal", model_source="rehearsal", cache_dir="cache/rehearsal",
     device="cpu", dtype="bfloat16", memory_mode="full",
     height=128, width=128, steps=2,
-    dataset="synthetic", dataset_limit=4, min_side=128,
+    dataset="synthetic", min_side=128,
     train_resolution=128, train_steps=3,
     scorer="tiny",
     extra={"story_sizes": False},     # the story files' 1024 px / 50 steps are not for a CPU
@@ -327,8 +327,9 @@ def write_weights(cache: str | os.PathLike | None = None, sizes: str = "kolors",
 
 
 # --- the rehearsal ---------------------------------------------------------------------------------
-#: notebook parameters that shorten the sweeps for a CPU (the code path is the same)
-NOTEBOOK_PARAMETERS = {"seeds": [0, 1], "cfg_values": [1.0, 4.0], "strength_values": [0.0, 1.0]}
+#: notebook parameters that shorten the sweeps and the training set for a CPU (the code path is
+#: the same): every caption costs one pass of the 6-billion-parameter text encoder
+NOTEBOOK_PARAMETERS = {"seeds": [0, 1], "cfg_values": [1.0, 4.0], "strength_values": [0.0, 1.0], "limit": 4}
 
 
 def peak_rss_gb() -> float:
@@ -352,7 +353,11 @@ def run_rehearsal(out: str | os.PathLike = "runs/rehearsal", notebooks: list[str
     t0 = time.perf_counter()
     write_weights(REHEARSAL.cache_path)
     write_s = time.perf_counter() - t0
-    params = dict(NOTEBOOK_PARAMETERS, **(parameters or {}))
+    from .runner import declared_parameters, resolve_notebooks
+
+    declared = set().union(*(declared_parameters(nb) for nb in resolve_notebooks(notebooks)))
+    params = {k: v for k, v in NOTEBOOK_PARAMETERS.items() if k in declared}   # for the notebooks run
+    params.update(parameters or {})
     results = run_notebooks(notebooks, out=out, profile=REHEARSAL.name, parameters=params,
                             log_output=log_output)
     print()
