@@ -9,11 +9,12 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 NAME   ?= course
 PROFILE ?= tiny
 
-.PHONY: env course test bench strip clean help browser rehearsal
+.PHONY: env course test bench strip clean help browser rehearsal lab
 
 help:
 	@echo "make course   run every notebook headless on the tiny profile into runs/$(NAME)/"
 	@echo "make test     run the whole test suite"
+	@echo "make lab      open the course in JupyterLab (on this machine, http://localhost:8888)"
 	@echo "make bench    run the benchmarks in bench/"
 	@echo "make rehearsal  notebooks 00-04 on the kolors profile on this CPU, Kolors-sized random weights (~18 GB in cache/rehearsal)"
 	@echo "make strip    strip outputs from the notebooks"
@@ -33,6 +34,13 @@ course: env
 
 test: env
 	$(PY) -m pytest -q
+
+# The course in JupyterLab on your own machine: the notebooks folder, widgets working.
+# Outputs go to runs/ as in `make course`; the notebooks stay as you leave them.
+LAB_PORT ?= 8888
+lab: env
+	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install --quiet -e ".[lab]"
+	$(VENV)/bin/jupyter-lab --notebook-dir=notebooks --port=$(LAB_PORT)
 
 bench: env
 	$(PY) bench/run.py
