@@ -49,6 +49,7 @@ class Profile:
     width: int = 64
     steps: int = 2
     cfg_scale: float = 4.0
+    story_sizes: bool = False             # a story file's own size and steps apply (real models only)
     # -- data ----------------------------------------------------------------
     dataset: str = "synthetic"            # "synthetic", a ModelScope id, or a folder
     dataset_limit: int | None = None
@@ -117,6 +118,7 @@ KOLORS = Profile(
     width=1024,
     steps=50,
     cfg_scale=4.0,
+    story_sizes=True,
     dataset="AI-ModelScope/lowres_anime",
     min_side=1024,
     min_file_size=None,

@@ -51,7 +51,7 @@ REHEARSAL = KOLORS.with_(
     dataset="synthetic", min_side=128,
     train_resolution=128, train_steps=3,
     scorer="tiny",
-    extra={"story_sizes": False},     # the story files' 1024 px / 50 steps are not for a CPU
+    story_sizes=False,                # the story files' 1024 px / 50 steps are not for a CPU
 )
 
 #: the published Kolors text encoder's config.json (ChatGLM3-6B-base, as Kolors ships it)

@@ -147,11 +147,11 @@ def parse_story(data, source: str = "", require: int = CHALLENGE_SCENES) -> Stor
 
 
 def generation_settings(story: Story, profile) -> dict:
-    """The story's settings on the kolors profile; the profile's sizes on tiny (and on any
-    profile whose ``extra`` says ``story_sizes: False``, such as the CPU rehearsal)."""
+    """The story's settings where the profile takes them (``story_sizes``: kolors); elsewhere
+    (tiny, the CPU rehearsal) the profile's sizes and steps, with the story's cfg and LoRA scale."""
     s = {"height": profile.height, "width": profile.width, "steps": profile.steps,
          "cfg_scale": profile.cfg_scale, "lora_scale": 1.0}
-    if profile.name == "tiny" or profile.extra.get("story_sizes") is False:
+    if not profile.story_sizes:
         s.update({k: v for k, v in story.settings.items() if k in ("cfg_scale", "lora_scale")})
     else:
         s.update(story.settings)

@@ -24,7 +24,7 @@ def test_rehearsal_profile_is_kolors_with_cpu_numbers():
     changed = {f.name for f in dataclasses.fields(KOLORS) if getattr(KOLORS, f.name) != getattr(prof, f.name)}
     assert changed <= {"name", "model_source", "cache_dir", "device", "dtype", "memory_mode", "height", "width",
                        "steps", "dataset", "dataset_limit", "min_side", "train_resolution", "train_steps",
-                       "scorer", "extra"}, changed
+                       "scorer", "story_sizes"}, changed
     # the training recipe and the model ids are the kolors profile's
     for name in ("lora_rank", "lora_alpha", "learning_rate", "batch_size", "gradient_checkpointing",
                  "cfg_scale", "kolors_model_id", "vae_model_id"):
