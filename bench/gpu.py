@@ -76,7 +76,7 @@ def run_case(name: str, steps: int = 50, train_steps: int = 10) -> dict:
     import torch
 
     import kolors_course as kc
-    from kolors_course.models import random_pipeline
+    from kolors_course.models.random_weights import random_pipeline
 
     what, mode, card = CASES[name]
     out = {"case": name, "what": what, "mode": mode, "card_gb": card or "whole card",
@@ -108,7 +108,8 @@ def run_case(name: str, steps: int = 50, train_steps: int = 10) -> dict:
             out[f"generate_1024px_{steps}_steps_s"] = round(time.perf_counter() - t0, 2)
             out["image_size"] = list(img.size)
         else:
-            from kolors_course.lora_train import TrainConfig, train_lora
+            from kolors_course.lora.config import TrainConfig
+            from kolors_course.lora.train import train_lora
 
             ds = _synthetic_set(ROOT / "runs" / "bench-gpu" / "set")
             run = ROOT / "runs" / "bench-gpu" / f"run-{name}"

@@ -109,9 +109,9 @@ def bench_dataset(n: int = 2000, sizes=(64, 512)) -> dict:
     """The kit's dataset build (checks + data-juicer) vs a plain Pillow filter loop."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import data_juicer.core  # noqa: F401  imported once, as in a notebook kernel
-    from kolors_course.data_filter import Recipe
-    from kolors_course.data_sources import make_synthetic_source
-    from kolors_course.dataset import build_training_set
+    from kolors_course.data.recipe import Recipe
+    from kolors_course.data.sources import make_synthetic_source
+    from kolors_course.data.build import build_training_set
 
     out = {"name": f"dataset build of {n} synthetic images: kit (checks + data-juicer) vs plain Pillow loop",
            "target": "throughput ratio >= 0.5"}
@@ -135,8 +135,8 @@ def bench_dataset(n: int = 2000, sizes=(64, 512)) -> dict:
         out[f"{base}px_plain_images_per_s"] = (n + 10) / p
         out[f"{base}px_ratio"] = p / k
         out[f"{base}px_kept"] = res.n_out
-    code = ("import os; os.environ['HF_HUB_OFFLINE']='1'; from kolors_course.dataset import build_training_set;"
-            "from kolors_course.data_filter import Recipe;"
+    code = ("import os; os.environ['HF_HUB_OFFLINE']='1'; from kolors_course.data.build import build_training_set;"
+            "from kolors_course.data.recipe import Recipe;"
             f"build_training_set({str(ROOT / 'runs' / 'bench-data' / f'src-{n}-64')!r}, "
             f"{str(ROOT / 'runs' / 'bench-data' / 'out-mem')!r}, recipe=Recipe(min_width=48, min_height=48))")
     out["64px_kit_peak_mb"] = _child_peak_mb(code)
@@ -150,8 +150,8 @@ def _plain_training_seconds_per_step(prof, rows, steps: int, cfg) -> float:
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
-    from kolors_course.lora_train import load_image_tensor
-    from kolors_course.models import load_pipeline
+    from kolors_course.lora.data import load_image_tensor
+    from kolors_course.models.loading import load_pipeline
 
     pipe = load_pipeline(prof)
     rng = random.Random(0)
@@ -198,8 +198,9 @@ def bench_train(steps: int = 150, rounds: int = 3) -> dict:
     import shutil
 
     import kolors_course as kc
-    from kolors_course.data_filter import Recipe
-    from kolors_course.lora_train import TrainConfig, train_lora
+    from kolors_course.data.recipe import Recipe
+    from kolors_course.lora.config import TrainConfig
+    from kolors_course.lora.train import train_lora
 
     prof = kc.choose_profile("tiny")
     ds = ROOT / "runs" / "bench-data" / "train-set"
@@ -225,7 +226,7 @@ def bench_story(rounds: int = 7) -> dict:
     import tempfile
 
     import kolors_course as kc
-    from kolors_course.story import generate_story, generation_settings, load_story
+    from kolors_course.story.stories import generate_story, generation_settings, load_story
 
     prof = kc.choose_profile("tiny")
     pipe = kc.load_pipeline(prof)

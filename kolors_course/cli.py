@@ -29,7 +29,7 @@ def _parse_value(text: str):
 
 
 def cmd_run(args) -> int:
-    from .runner import format_summary, run_notebooks
+    from kolors_course.runner import format_summary, run_notebooks
 
     params = {k: _parse_value(v) for k, v in (args.parameter or [])}
     try:
@@ -51,7 +51,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from .runner import run_batch
+    from kolors_course.runner import run_batch
 
     try:
         entries = run_batch(args.file)
@@ -68,9 +68,10 @@ def cmd_batch(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .dataset import DatasetError
-    from .lora_train import TrainConfig, TrainingError, train_lora
-    from .profiles import choose_profile
+    from kolors_course.data.build import DatasetError
+    from kolors_course.lora.config import TrainConfig, TrainingError
+    from kolors_course.lora.train import train_lora
+    from kolors_course.core.profiles import choose_profile
 
     prof = choose_profile(args.profile)
     try:
@@ -86,7 +87,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_env(args) -> int:
-    from .envinfo import needs_restart, print_environment_report
+    from kolors_course.setup.envinfo import needs_restart, print_environment_report
 
     print_environment_report()
     needs_restart()
@@ -94,8 +95,8 @@ def cmd_env(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from .models import MissingWeightsError, ensure_weights
-    from .profiles import choose_profile
+    from kolors_course.models.loading import MissingWeightsError, ensure_weights
+    from kolors_course.core.profiles import choose_profile
 
     prof = choose_profile(args.profile, **({"cache_dir": args.cache} if args.cache else {}))
     try:
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("rehearsal", add_help=False,
                        help="the kolors profile on this CPU with Kolors-sized random weights (make rehearsal)")
     h.add_argument("args", nargs=argparse.REMAINDER)
-    h.set_defaults(func=None)      # main() hands its arguments to kolors_course.rehearsal
+    h.set_defaults(func=None)      # main() hands its arguments to kolors_course.models.rehearsal
 
     e = sub.add_parser("env", help="report the environment and whether a restart is needed")
     e.set_defaults(func=cmd_env)
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["rehearsal"]:     # its own options (--out, --cache, --weights-only, notebooks)
-        from .rehearsal import main as rehearsal_main
+        from kolors_course.models.rehearsal import main as rehearsal_main
 
         return rehearsal_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -7,7 +7,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .paths import project_path, project_root, relative_to_root
+from kolors_course.core.paths import project_path, project_root, relative_to_root
+from kolors_course.core.state import environ, environ_default
 
 
 @dataclass
@@ -121,12 +122,11 @@ def run_notebooks(notebooks: list[str] | None = None, out: str | os.PathLike = "
     if unknown:
         raise ValueError(f"parameter(s) {unknown} are declared by none of "
                          f"{[p.stem for p in paths]}; check the spelling")
-    env_before = os.environ.get("KOLORS_COURSE_HEADLESS")
-    os.environ["KOLORS_COURSE_HEADLESS"] = "1"       # inherited by the kernels
-    os.environ.setdefault("KOLORS_COURSE_HOME", str(project_root()))
-    os.environ.setdefault("MPLBACKEND", "Agg")
     results: list[NotebookResult] = []
-    try:
+    # the kernels inherit these: headless bars, the project root, a non-interactive plot backend
+    # (a learner's own HOME/backend wins); all put back when the run ends
+    with environ(KOLORS_COURSE_HEADLESS="1"), environ_default(KOLORS_COURSE_HOME=str(project_root()),
+                                                             MPLBACKEND="Agg"):
         for i, nb in enumerate(paths):
             params = {"profile": profile, "out_dir": str(out_dir)}
             params.update({k: v for k, v in parameters.items() if k in declared[nb]})
@@ -158,11 +158,6 @@ def run_notebooks(notebooks: list[str] | None = None, out: str | os.PathLike = "
                     results.append(NotebookResult(rest.stem, "skipped",
                                                   error=f"not run: {nb.stem} failed first"))
                 break
-    finally:
-        if env_before is None:
-            os.environ.pop("KOLORS_COURSE_HEADLESS", None)
-        else:
-            os.environ["KOLORS_COURSE_HEADLESS"] = env_before
     write_summary(results, out_dir, profile)
     return results
 
@@ -232,7 +227,7 @@ def load_batch_file(path: str | os.PathLike) -> dict:
 def run_batch(path: str | os.PathLike, quiet: bool = False) -> list[dict]:
     """Run the notebooks once per parameter set; a failed set is reported and the rest go on.
     Writes ``<out>/index.html`` linking every set's gallery."""
-    from .gallery import write_index
+    from kolors_course.story.gallery import write_index
 
     batch = load_batch_file(path)
     out = project_path(batch["out"])

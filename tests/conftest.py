@@ -29,11 +29,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from kolors_course.profiles import choose_profile
+    from kolors_course.core.profiles import choose_profile
     return choose_profile("tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny):
-    from kolors_course.models import load_pipeline
+    from kolors_course.models.loading import load_pipeline
     return load_pipeline(tiny)

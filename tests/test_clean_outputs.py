@@ -11,7 +11,10 @@ import numpy as np
 from PIL import Image
 
 import kolors_course
-from kolors_course import data_clean, data_filter, models, runner
+import kolors_course.data.clean as data_clean
+import kolors_course.data.recipe as data_filter
+import kolors_course.models.loading as models
+import kolors_course.runner as runner
 
 
 def _shown(message: str, category) -> list:

@@ -10,9 +10,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from kolors_course import data_clean, data_filter, data_sources, dataset
-from kolors_course.data_filter import Recipe
-from kolors_course.dataset import Captions, DatasetError, build_training_set
+import kolors_course.data.clean as data_clean
+import kolors_course.data.recipe as data_filter
+import kolors_course.data.sources as data_sources
+import kolors_course.data.build as dataset
+from kolors_course.data.recipe import Recipe
+from kolors_course.data.build import Captions, DatasetError, build_training_set
 
 SMALL = Recipe(min_width=48, min_height=48, min_ratio=0.5, max_ratio=2.0, min_size="1KB")
 
@@ -270,7 +273,7 @@ def test_modelscope_offline_is_a_clear_fast_error(tmp_path, monkeypatch):
 
 def test_caption_editor_saves_atomically(synthetic_build, tmp_path):
     import shutil
-    from kolors_course.widgets import caption_editor
+    from kolors_course.data.caption_editor import caption_editor
     copy = tmp_path / "copy"
     shutil.copytree(synthetic_build.folder, copy)
     ui = caption_editor(copy)

@@ -1,7 +1,8 @@
 import sys
 import types
 
-from kolors_course import envinfo, install
+import kolors_course.setup.envinfo as envinfo
+import kolors_course.setup.install as install
 
 
 def test_environment_report_has_the_basics():

@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
-from kolors_course import lora_files, models
-from kolors_course.profiles import KOLORS
+import kolors_course.lora.files as lora_files
+import kolors_course.models.loading as models
+import kolors_course.models.random_weights as random_weights
+from kolors_course.core.profiles import KOLORS
 
-KOLORS_UNET_CONFIG = models.KOLORS_UNET_CONFIG   # the real Kolors UNet config (diffusers format)
+KOLORS_UNET_CONFIG = random_weights.KOLORS_UNET_CONFIG   # the real Kolors UNet config (diffusers format)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kolors_course import lora_files, models
-from kolors_course.data_filter import Recipe
-from kolors_course.dataset import DatasetError, build_training_set
-from kolors_course.lora_train import (TrainConfig, TrainingError, lora_demo, lora_parameter_counts,
-                                      preflight, train_lora)
-from kolors_course.text2image import generate
+import kolors_course.lora.files as lora_files
+import kolors_course.models.loading as models
+from kolors_course.data.recipe import Recipe
+from kolors_course.data.build import DatasetError, build_training_set
+from kolors_course.lora.config import TrainConfig, TrainingError
+from kolors_course.lora.lessons import lora_demo, lora_parameter_counts
+from kolors_course.lora.memory import preflight
+from kolors_course.lora.train import train_lora
+from kolors_course.generation.text2image import generate
 
 
 @pytest.fixture(scope="module")

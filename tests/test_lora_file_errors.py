@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kolors_course import lora_files, models
+import kolors_course.lora.files as lora_files
+import kolors_course.models.loading as models
 
 RANK, ALPHA = 4, 8.0          # trained scale alpha / rank = 2
 

@@ -13,10 +13,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kolors_course import cli, lora_files, lora_train, models
-from kolors_course.data_filter import Recipe
-from kolors_course.dataset import build_training_set
-from kolors_course.lora_train import TrainConfig, TrainingError, train_lora
+import kolors_course.cli as cli
+import kolors_course.lora.files as lora_files
+import kolors_course.lora.train as lora_train
+import kolors_course.models.loading as models
+from kolors_course.data.recipe import Recipe
+from kolors_course.data.build import build_training_set
+from kolors_course.lora.config import TrainConfig, TrainingError
+from kolors_course.lora.train import train_lora
 
 
 @pytest.fixture(scope="module")
@@ -184,13 +188,13 @@ def test_a_checkpoint_lora_loads_at_its_trained_strength(tiny, dataset_dir, tmp_
 def test_gradient_accumulation_logs_the_mean_of_its_micro_batches(tiny, dataset_dir, tmp_path, monkeypatch):
     """Item 10: with grad_accum the logged loss used to be the last micro-batch's only."""
     seen = []
-    real = lora_train._micro_step
+    real = lora_train.batch_loss
 
     def record(*args, **kwargs):
         loss = real(*args, **kwargs)
         seen.append(float(loss.detach()))
         return loss
-    monkeypatch.setattr(lora_train, "_micro_step", record)
+    monkeypatch.setattr(lora_train, "batch_loss", record)
     res = train_lora(tiny, dataset_dir, tmp_path / "r", _cfg(tiny, max_steps=3, grad_accum=2, batch_size=1))
     assert len(seen) == 6
     assert res.losses == pytest.approx([(seen[i] + seen[i + 1]) / 2 for i in (0, 2, 4)])

@@ -5,8 +5,9 @@ import time
 import numpy as np
 import pytest
 
-from kolors_course import models, tiny_models
-from kolors_course.profiles import choose_profile
+import kolors_course.models.loading as models
+import kolors_course.models.tiny as tiny_models
+from kolors_course.core.profiles import choose_profile
 
 
 def test_tiny_files_use_the_real_layout(tiny):
@@ -43,7 +44,7 @@ def test_pipeline_is_kolors_with_tiny_parts(tiny_pipe):
 
 
 def test_same_seed_gives_bit_identical_images_across_loads(tiny):
-    from kolors_course.text2image import generate
+    from kolors_course.generation.text2image import generate
     a = generate(models.load_pipeline(tiny), "一只猫", seed=7)
     b = generate(models.load_pipeline(tiny), "一只猫", seed=7)
     c = generate(models.load_pipeline(tiny), "一只猫", seed=8)
@@ -133,9 +134,9 @@ def test_offload_memory_mode_runs_the_same_path_and_gives_the_same_image(tiny, t
     the same functions and the same picture; on a GPU it trades time for memory (bench/gpu.py)."""
     import numpy as np
 
-    from kolors_course.text2image import generate
+    from kolors_course.generation.text2image import generate
     off = models.load_pipeline(tiny.with_(memory_mode="offload"))
-    assert off.cpu_offload and off.kit_memory_mode == "offload" and not tiny_pipe.cpu_offload
+    assert off.cpu_offload and off.memory_mode == "offload" and not tiny_pipe.cpu_offload
     a = np.asarray(generate(off, "一个红色的圆形", seed=5))
     b = np.asarray(generate(tiny_pipe, "一个红色的圆形", seed=5))
     assert np.array_equal(a, b)

@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kolors_course.data_filter import Recipe
-from kolors_course.dataset import build_training_set
-from kolors_course.lora_train import TrainConfig, train_lora
+from kolors_course.data.recipe import Recipe
+from kolors_course.data.build import build_training_set
+from kolors_course.lora.config import TrainConfig
+from kolors_course.lora.train import train_lora
 
 
 def _free_port() -> int:

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from kolors_course import paths
-from kolors_course.profiles import KOLORS, TINY, choose_profile
+import kolors_course.core.paths as paths
+from kolors_course.core.profiles import KOLORS, TINY, choose_profile
 
 
 def test_profiles_hold_their_sizes():
@@ -14,7 +14,7 @@ def test_profiles_hold_their_sizes():
 
 
 def test_auto_picks_tiny_without_gpu_and_says_why(capsys, monkeypatch):
-    import kolors_course.profiles as P
+    import kolors_course.core.profiles as P
     monkeypatch.setattr(P, "_gpu_memory_gb", lambda: None)
     assert choose_profile("auto").name == "tiny"
     assert "no CUDA GPU" in capsys.readouterr().out
@@ -25,7 +25,7 @@ def test_auto_picks_tiny_without_gpu_and_says_why(capsys, monkeypatch):
 
 def test_auto_picks_a_memory_mode_from_the_gpu_and_says_why(capsys, monkeypatch):
     """Totals as the cards report them in 10^9 bytes: a T4 has 15 GiB, a 3090 24 GiB."""
-    import kolors_course.profiles as P
+    import kolors_course.core.profiles as P
     monkeypatch.setattr(P, "_gpu_memory_gb", lambda: ("Tesla T4", 15.8))
     prof = choose_profile("auto")
     assert (prof.name, prof.memory_mode) == ("kolors", "offload")

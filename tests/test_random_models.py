@@ -4,14 +4,15 @@ and runs here (tiny sizes)."""
 import numpy as np
 import pytest
 
-from kolors_course.lora_train import TrainConfig, train_lora
-from kolors_course.models import random_pipeline
-from kolors_course.text2image import generate
+from kolors_course.lora.config import TrainConfig
+from kolors_course.lora.train import train_lora
+from kolors_course.models.random_weights import random_pipeline
+from kolors_course.generation.text2image import generate
 
 
 def test_random_tiny_pipeline_generates_and_trains(tiny, tmp_path):
-    from kolors_course.data_filter import Recipe
-    from kolors_course.dataset import build_training_set
+    from kolors_course.data.recipe import Recipe
+    from kolors_course.data.build import build_training_set
     ds = tmp_path / "ds"
     build_training_set("synthetic", ds, recipe=Recipe(min_width=48, min_height=48), limit=4)
     pipe = random_pipeline(tiny, "tiny", "cpu", folder=tmp_path / "m")
@@ -24,8 +25,8 @@ def test_random_tiny_pipeline_generates_and_trains(tiny, tmp_path):
 
 def test_validation_uses_cached_prompt_embeddings(tiny, tmp_path):
     """Validation images must not need the text encoder (it leaves the GPU after caching)."""
-    from kolors_course.data_filter import Recipe
-    from kolors_course.dataset import build_training_set
+    from kolors_course.data.recipe import Recipe
+    from kolors_course.data.build import build_training_set
     ds = tmp_path / "ds"
     build_training_set("synthetic", ds, recipe=Recipe(min_width=48, min_height=48), limit=4)
     pipe = random_pipeline(tiny, "tiny", "cpu", folder=tmp_path / "m")
@@ -61,7 +62,7 @@ def test_kolors_sized_training_fits_a_16_gb_card(tmp_path):
     memory mode that auto picks for 16 GB cards, on a card limited to 16 GB; the peak counts the load."""
     import torch
 
-    from kolors_course.profiles import choose_profile
+    from kolors_course.core.profiles import choose_profile
     prof = choose_profile("kolors", memory_mode="offload")
     # random weights are drawn on the GPU (fast) and then parked on the CPU, which a real
     # offload load never does; the 16 GB limit and the peak start once they are parked

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from kolors_course import models, rehearsal, tiny_models
-from kolors_course.profiles import KOLORS, choose_profile
+import kolors_course.models.loading as models
+import kolors_course.models.rehearsal as rehearsal
+import kolors_course.models.tiny as tiny_models
+from kolors_course.core.profiles import KOLORS, choose_profile
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_tiny_weights_load_through_load_pipeline(tiny_cache, monkeypatch):
     assert norms and all(bool((w == 1).all()) for w in norms)
     assert all(torch.isfinite(p.float()).all() for p in te.parameters())
     assert pipe.unet.conv_in.weight.dtype == torch.bfloat16
-    from kolors_course.text2image import generate
+    from kolors_course.generation.text2image import generate
     img = generate(pipe, "一只猫", seed=0)
     assert img.size == (128, 128) and np.asarray(img).std() > 0
 

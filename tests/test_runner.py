@@ -3,7 +3,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from kolors_course import cli, runner
+import kolors_course.cli as cli
+import kolors_course.runner as runner
 
 
 def _notebook(path, body):

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import yaml
 
-from kolors_course import gallery, runner, scoring, story
-from kolors_course.story import StoryError, load_story, parse_story
+import kolors_course.story.gallery as gallery
+import kolors_course.runner as runner
+import kolors_course.story.scoring as scoring
+import kolors_course.story.stories as story
+from kolors_course.story.stories import StoryError, load_story, parse_story
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +65,7 @@ def test_story_yaml_is_parsed_safely(tmp_path):
 
 
 def test_settings_follow_the_profile(tiny):
-    from kolors_course.profiles import KOLORS
+    from kolors_course.core.profiles import KOLORS
     s = parse_story(_story_dict())
     t = story.generation_settings(s, tiny)
     assert (t["height"], t["steps"], t["lora_scale"]) == (64, 2, 0.8)
@@ -82,12 +85,13 @@ def test_story_generation_is_reproducible(tiny_pipe, tiny, tmp_path):
 
 
 def test_lora_strength_sweep(tiny, tmp_path):
-    from kolors_course.data_filter import Recipe
-    from kolors_course.dataset import build_training_set
-    from kolors_course.lora_strength import set_lora_scale
-    from kolors_course.lora_train import TrainConfig, train_lora
-    from kolors_course.models import load_pipeline
-    from kolors_course.text2image import generate
+    from kolors_course.data.recipe import Recipe
+    from kolors_course.data.build import build_training_set
+    from kolors_course.lora.strength import set_lora_scale
+    from kolors_course.lora.config import TrainConfig
+    from kolors_course.lora.train import train_lora
+    from kolors_course.models.loading import load_pipeline
+    from kolors_course.generation.text2image import generate
     ds = tmp_path / "ds"
     build_training_set("synthetic", ds, recipe=Recipe(min_width=48, min_height=48), limit=6)
     res = train_lora(tiny, ds, tmp_path / "run", TrainConfig.for_profile(tiny, max_steps=15, learning_rate=1e-2,
@@ -109,7 +113,7 @@ def test_lora_strength_sweep(tiny, tmp_path):
 
 def test_tiny_scorer_runs_the_real_classes(tiny, tiny_pipe):
     from aesthetics_predictor import AestheticsPredictorV2Linear
-    from kolors_course.text2image import generate
+    from kolors_course.generation.text2image import generate
     scorer = scoring.AestheticScorer(tiny)
     assert isinstance(scorer.model, AestheticsPredictorV2Linear)
     imgs = [generate(tiny_pipe, "猫", seed=s) for s in range(3)]
@@ -123,7 +127,7 @@ def test_tiny_scorer_runs_the_real_classes(tiny, tiny_pipe):
 
 
 def test_kolors_scorer_offline_is_a_clear_error(tmp_path, monkeypatch):
-    from kolors_course.profiles import choose_profile
+    from kolors_course.core.profiles import choose_profile
     monkeypatch.setenv("KOLORS_COURSE_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(scoring.ScorerError, match="aesthetics-predictor-v2"):
@@ -300,7 +304,7 @@ def test_batch_of_two_sets_makes_two_galleries_and_an_index(tmp_path):
         "sets": [{"name": "fox", "parameters": {"story": "ink_fox", "team_name": "a"}},
                  {"name": "robot", "parameters": {"story": "lighthouse_robot", "team_name": "b"}},
                  {"name": "broken", "parameters": {"story": "no_such_story"}}]}, allow_unicode=True))
-    from kolors_course import cli
+    import kolors_course.cli as cli
     code = cli.main(["batch", str(batch)])
     assert code == 1        # one set failed, and the others still ran
     entries = json.loads((out / "batch.json").read_text(encoding="utf-8"))

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from kolors_course.text2image import PromptParts, generate, sweep
-from kolors_course.viz import image_grid, save_images, show_grid
+from kolors_course.generation.text2image import PromptParts, generate, sweep
+from kolors_course.core.images import image_grid, save_images, show_grid
 
 
 def test_prompt_parts_compose_in_course_order():
@@ -44,7 +44,7 @@ def test_grids_and_saving(tiny_pipe, tmp_path):
 
 
 def test_playground_builds_headless_and_generates_on_click(tiny_pipe, capsys):
-    from kolors_course.widgets import prompt_playground
+    from kolors_course.generation.playground import prompt_playground
     ui = prompt_playground(tiny_pipe, prompt="一只猫")
     assert "headless" in capsys.readouterr().out
     ui.kit_generate()    # what a click does; must not raise

@@ -4,9 +4,11 @@ import json
 
 import pytest
 
-from kolors_course import gallery, scoring, trigger
-from kolors_course.profiles import KOLORS, TINY
-from kolors_course.story import load_story, parse_story
+import kolors_course.story.gallery as gallery
+import kolors_course.story.scoring as scoring
+import kolors_course.core.trigger as trigger
+from kolors_course.core.profiles import KOLORS, TINY
+from kolors_course.story.stories import load_story, parse_story
 
 
 def _story_dict(n=8):
@@ -44,12 +46,13 @@ def test_choosing_the_trigger_word(tmp_path, capsys):
 def flow(tmp_path_factory):
     """The word set once (notebook 02's parameter) carried through a tiny data set, a short
     training run and a story bundle, as notebooks 02-04 call the package."""
-    from kolors_course.data_filter import Recipe
-    from kolors_course.dataset import Captions, build_training_set, read_training_set
-    from kolors_course.lora_files import read_lora
-    from kolors_course.lora_train import TrainConfig, train_lora
-    from kolors_course.models import load_pipeline
-    from kolors_course.story import generate_story, generation_settings
+    from kolors_course.data.recipe import Recipe
+    from kolors_course.data.build import Captions, build_training_set, read_training_set
+    from kolors_course.lora.files import read_lora
+    from kolors_course.lora.config import TrainConfig
+    from kolors_course.lora.train import train_lora
+    from kolors_course.models.loading import load_pipeline
+    from kolors_course.story.stories import generate_story, generation_settings
 
     tmp = tmp_path_factory.mktemp("trigger")
     word = "星光风"                                                # set once, here
@@ -103,7 +106,8 @@ def test_trigger_word_flows_from_captions_to_the_story(flow):
 
 
 def test_a_finished_run_is_not_reused_for_another_trigger_word(flow):
-    from kolors_course.lora_train import TrainConfig, TrainingError, train_lora
+    from kolors_course.lora.config import TrainConfig, TrainingError
+    from kolors_course.lora.train import train_lora
 
     other = TrainConfig.for_profile(TINY, trigger_words=["别的风"], max_steps=2, validate_every=None,
                                     checkpoint_every=2)
@@ -112,7 +116,8 @@ def test_a_finished_run_is_not_reused_for_another_trigger_word(flow):
 
 
 def test_training_warns_when_the_trigger_word_is_in_no_caption(flow, tmp_path):
-    from kolors_course.lora_train import TrainConfig, train_lora
+    from kolors_course.lora.config import TrainConfig
+    from kolors_course.lora.train import train_lora
 
     cfg = TrainConfig.for_profile(TINY, trigger_words=["不在标注里"], max_steps=1, validate_every=None)
     with pytest.warns(UserWarning, match="in none of the"):
@@ -175,7 +180,7 @@ def test_threshold_changes_the_verdict(tmp_path):
 
 
 def test_scorer_takes_the_threshold(tiny, tiny_pipe):
-    from kolors_course.text2image import generate
+    from kolors_course.generation.text2image import generate
 
     imgs = [generate(tiny_pipe, "猫", seed=s) for s in range(2)]
     low = scoring.AestheticScorer(tiny, threshold=0).score(imgs)

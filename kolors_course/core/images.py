@@ -63,7 +63,7 @@ def show_grid(items: Sequence, cols: int | None = None, title: str = "", save_to
 
 
 def _interactive() -> bool:
-    from .bars import in_notebook
+    from kolors_course.core.progress import in_notebook
 
     return in_notebook()
 

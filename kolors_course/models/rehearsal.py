@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .profiles import KOLORS
-from . import tiny_models
+from kolors_course.core.profiles import KOLORS
+import kolors_course.models.tiny as tiny_models
 
 FORMAT_VERSION = 1
 MARKER = "rehearsal.json"
@@ -263,7 +263,7 @@ def cache_complete(cache: Path, sizes: str | None = None) -> bool:
 
 def configs(sizes: str = "kolors") -> tuple[dict, dict, dict]:
     """(unet, vae, text encoder) config.json contents, Kolors-sized or tiny (for tests)."""
-    from .models import KOLORS_UNET_CONFIG
+    from kolors_course.models.random_weights import KOLORS_UNET_CONFIG
 
     if sizes == "kolors":
         return dict(KOLORS_UNET_CONFIG), dict(SDXL_VAE_JSON), dict(KOLORS_TEXT_ENCODER_JSON)
@@ -319,7 +319,7 @@ def write_weights(cache: str | os.PathLike | None = None, sizes: str = "kolors",
     info = {"format_version": FORMAT_VERSION, "sizes": sizes, "seed": SEED, "dtype": "bfloat16",
             "bytes": {"unet": n_unet, "vae": n_vae, "text_encoder": n_te},
             "seconds": round(time.perf_counter() - t0, 1), "files": files,
-            "note": "random weights of the Kolors sizes in the real download's layout, by kolors_course.rehearsal"}
+            "note": "random weights of the Kolors sizes in the real download's layout, by kolors_course.models.rehearsal"}
     (cache / MARKER).write_text(json.dumps(info, indent=2))
     say(f"weights written in {info['seconds']} s: UNet {n_unet / 1e9:.2f} GB, text encoder "
         f"{n_te / 1e9:.2f} GB, VAE {n_vae / 1e9:.2f} GB")
@@ -345,21 +345,23 @@ def run_rehearsal(out: str | os.PathLike = "runs/rehearsal", notebooks: list[str
                   cache: str | os.PathLike | None = None, parameters: dict | None = None,
                   log_output: bool = False) -> int:
     """Write the weights (once) and run the notebooks on ``kolors-rehearsal``; 0 when all pass."""
-    from .paths import project_path
-    from .runner import format_summary, run_notebooks
+    from kolors_course.core.paths import project_path
+    from kolors_course.runner import format_summary, run_notebooks
 
-    if cache is not None:
-        os.environ["KOLORS_COURSE_CACHE"] = str(project_path(cache))   # the kernels inherit it
-    t0 = time.perf_counter()
-    write_weights(REHEARSAL.cache_path)
-    write_s = time.perf_counter() - t0
-    from .runner import declared_parameters, resolve_notebooks
+    from kolors_course.core.state import environ
+    from kolors_course.runner import declared_parameters, resolve_notebooks
 
-    declared = set().union(*(declared_parameters(nb) for nb in resolve_notebooks(notebooks)))
-    params = {k: v for k, v in NOTEBOOK_PARAMETERS.items() if k in declared}   # for the notebooks run
-    params.update(parameters or {})
-    results = run_notebooks(notebooks, out=out, profile=REHEARSAL.name, parameters=params,
-                            log_output=log_output)
+    # the kernels inherit the cache folder; put back when the rehearsal ends
+    with environ(KOLORS_COURSE_CACHE=str(project_path(cache)) if cache is not None
+                 else os.environ.get("KOLORS_COURSE_CACHE")):
+        t0 = time.perf_counter()
+        write_weights(REHEARSAL.cache_path)
+        write_s = time.perf_counter() - t0
+        declared = set().union(*(declared_parameters(nb) for nb in resolve_notebooks(notebooks)))
+        params = {k: v for k, v in NOTEBOOK_PARAMETERS.items() if k in declared}   # for the notebooks run
+        params.update(parameters or {})
+        results = run_notebooks(notebooks, out=out, profile=REHEARSAL.name, parameters=params,
+                                log_output=log_output)
     print()
     print(format_summary(results))
     report = {"profile": REHEARSAL.name, "weights_seconds": round(write_s, 1),
@@ -386,7 +388,7 @@ def main(argv=None) -> int:
     p.add_argument("--log-output", action="store_true")
     args = p.parse_args(argv)
     if args.weights_only:
-        from .paths import project_path
+        from kolors_course.core.paths import project_path
         write_weights(project_path(args.cache) if args.cache else None)
         return 0
     return run_rehearsal(args.out, args.notebooks or None, args.cache, log_output=args.log_output)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 def story_grid(records: list, path: Path, title: str = ""):
     """The 8 images as a 2x4 grid with scene numbers and seeds (ASCII labels render everywhere)."""
-    from .viz import show_grid
+    from kolors_course.core.images import show_grid
 
     items = [(f"{r['index']} - seed {r['seed']}", r["image"]) for r in records]
     return show_grid(items, cols=4, title=title, save_to=path, cell_inches=2.6)
@@ -182,8 +182,8 @@ def upload_text(bundle: Path, team: str, story, records: list, scores, lora_meta
                 modelscope_user: str | None = None) -> str:
     """UPLOAD.md: the ModelScope upload (the SDK call, shown, never run by the kit) and the
     discussion post's title and text, ready to paste."""
-    from .paths import relative_to_root
-    from .trigger import lora_trigger_words
+    from kolors_course.core.paths import relative_to_root
+    from kolors_course.core.trigger import lora_trigger_words
 
     name = bundle.name                                     # 队伍名称-可图Kolors训练-xxxxxx
     user = modelscope_user or "<你的魔搭用户名 / your ModelScope user name>"
@@ -243,7 +243,7 @@ def write_bundle(dest_parent: Path, team: str, story, records: list, scores, lor
                  modelscope_user: str | None = None) -> Path:
     """Everything the challenge asks for, in one folder, with a manifest of hashes and versions,
     and ``UPLOAD.md``: the ModelScope upload call and the discussion post, ready to paste."""
-    from .envinfo import environment_report
+    from kolors_course.setup.envinfo import environment_report
 
     name = team_folder_name(team, Path(story.source).stem or "story")
     final = dest_parent / name
@@ -284,7 +284,7 @@ def write_bundle(dest_parent: Path, team: str, story, records: list, scores, lor
 
 
 def model_card(team: str, story, meta: dict, settings: dict, scores) -> str:
-    from .trigger import lora_trigger_words
+    from kolors_course.core.trigger import lora_trigger_words
 
     words = lora_trigger_words(meta)
     trig = ", ".join(words) or "(none)"

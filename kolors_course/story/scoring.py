@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from kolors_course.core.state import torch_global_seed
+
 SCORER_ID = "AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
 VALIDITY_THRESHOLD = 6.0      # the challenge's bar by default; the organisers may change it
 
@@ -64,8 +66,8 @@ def build_tiny_scorer(folder: Path) -> Path:
 
     cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            image_size=64, patch_size=16, projection_dim=32)
-    torch.manual_seed(6)
-    model = AestheticsPredictorV2Linear(cfg).eval()
+    with torch_global_seed(6):      # its initial weights: the same file everywhere, the learner's RNG untouched
+        model = AestheticsPredictorV2Linear(cfg).eval()
     with torch.no_grad():    # centre the untrained head near the challenge's range
         model.layers[-1].bias.fill_(5.5)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -80,9 +82,9 @@ def scorer_folder(profile) -> Path:
         return build_tiny_scorer(profile.cache_path / "aesthetics-predictor-tiny")
     folder = profile.cache_path / SCORER_ID
     if not (folder / "config.json").exists():
-        from .models import _hub_reachable
+        from kolors_course.core.hub import hub_unreachable
 
-        why = _hub_reachable()
+        why = hub_unreachable()
         if why:
             raise ScorerError(f"the aesthetic predictor is not in {folder} and cannot be downloaded: {why}. "
                               f"Fetch {SCORER_ID} from ModelScope (about 1.2 GB) into that folder.")

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .paths import project_path
+from kolors_course.core.paths import project_path
 
 #: GPU memory (GB, 10^9 bytes, as the card reports its total) below which the kolors
 #: profile cannot run: the "offload" mode peaked at 12.8 GB reserved for a 1024 px,
@@ -50,6 +50,7 @@ class Profile:
     steps: int = 2
     cfg_scale: float = 4.0
     story_sizes: bool = False             # a story file's own size and steps apply (real models only)
+    show_size: int | None = None          # notebooks show small images enlarged to this width (None: as made)
     # -- data ----------------------------------------------------------------
     dataset: str = "synthetic"            # "synthetic", a ModelScope id, or a folder
     dataset_limit: int | None = None
@@ -65,6 +66,8 @@ class Profile:
     batch_size: int = 2
     gradient_checkpointing: bool = False
     precision: str = "fp32"
+    validations: int = 0                  # validation-image rounds during training, besides the last step
+    base_model: str = "Kwai-Kolors/Kolors"  # what a LoRA file records as the model it was trained on
     # -- scoring ----------------------------------------------------------------
     scorer: str = "tiny"                  # "tiny" or the ModelScope id of the real predictor
     extra: dict = field(default_factory=dict)
@@ -90,7 +93,7 @@ class Profile:
 
     def recipe(self, **changes):
         """The data-juicer filter recipe for this profile's image sizes."""
-        from .data_filter import Recipe
+        from kolors_course.data.recipe import Recipe
 
         r = Recipe(min_width=self.min_side, min_height=self.min_side, min_size=self.min_file_size)
         return dataclasses.replace(r, **changes) if changes else r
@@ -106,6 +109,9 @@ TINY = Profile(
     name="tiny",
     model_source="tiny",
     cache_dir="cache/tiny",
+    show_size=256,
+    validations=3,
+    base_model="kolors-course/tiny-kolors",
 )
 
 KOLORS = Profile(
@@ -198,7 +204,7 @@ def choose_profile(name: str = "auto", verbose: bool = True, **overrides) -> Pro
     elif name in PROFILES:
         chosen = PROFILES[name]
     elif name == "kolors-rehearsal":    # defined beside its weight writer
-        from .rehearsal import REHEARSAL as chosen
+        from kolors_course.models.rehearsal import REHEARSAL as chosen
     else:
         raise ValueError(f"unknown profile {name!r}: choose one of 'auto', 'tiny', 'kolors' "
                          "(or 'kolors-rehearsal', the kolors profile on a CPU with random weights)")

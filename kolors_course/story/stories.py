@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from .bars import progress
-from .paths import project_path
+from kolors_course.core.progress import progress
+from kolors_course.core.paths import project_path
 
 CHALLENGE_SCENES = 8
 SETTING_KEYS = {"height", "width", "steps", "cfg_scale", "lora_scale"}
@@ -49,7 +49,7 @@ class Story:
 
     def with_trigger(self, words) -> "Story":
         """A copy whose prompts start with the LoRA's trigger word(s) (none: the story as written)."""
-        from .trigger import words as as_words
+        from kolors_course.core.trigger import words as as_words
 
         ws = as_words(words)
         sep = "，" if _is_chinese(self.style + self.character + "".join(ws)) else ", "
@@ -160,7 +160,7 @@ def generation_settings(story: Story, profile) -> dict:
 
 def generate_story(pipe, story: Story, settings: dict, folder: Path) -> list[dict]:
     """Generate every scene; images saved as ``folder/scene_01.png ...``; returns one record each."""
-    from .text2image import generate
+    from kolors_course.generation.text2image import generate
 
     folder.mkdir(parents=True, exist_ok=True)
     records = []

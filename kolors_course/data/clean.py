@@ -12,7 +12,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data_sources import SourceItem
+from kolors_course.core.state import pillow_strict_decoding
+from kolors_course.data.sources import SourceItem
 
 #: Pillow's own limit (about 89 megapixels) stays in force: a bigger image is dropped
 JPEG_QUALITY = 95
@@ -89,17 +90,14 @@ def to_rgb(img):
 
 def decode(path: Path):
     """Open, fully decode and orient one image; raises ValueError with a plain reason."""
-    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.exists():
         raise ValueError("file not found")
     if path.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
-    # data-juicer (and parts of modelscope) set LOAD_TRUNCATED_IMAGES = True at
-    # import, which makes Pillow pad a truncated file with grey instead of failing
-    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    with warnings.catch_warnings():
+    # strict: a truncated file must fail here, whatever data-juicer set for the process
+    with pillow_strict_decoding(), warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             im = Image.open(path)
@@ -122,8 +120,6 @@ def decode(path: Path):
             raise ValueError("not an image (Pillow cannot identify the file)") from None
         except (OSError, SyntaxError) as exc:
             raise ValueError(f"truncated or corrupt image ({exc})") from None
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     return img, (["EXIF rotation applied"] if rotated else [])
 
 

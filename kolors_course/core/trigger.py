@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from .paths import project_path, relative_to_root
+from kolors_course.core.paths import project_path, relative_to_root
 
 
 def _sep(text: str) -> str:
@@ -49,7 +49,7 @@ def with_trigger(prompt: str, trigger) -> str:
 
 def recorded_trigger_word(dataset_dir: str | os.PathLike) -> str | None:
     """The trigger word a data set built by notebook 02 was captioned with (None: not recorded)."""
-    from .dataset import MARKER
+    from kolors_course.data.build import MARKER
 
     folder = project_path(dataset_dir)
     marker = folder / MARKER

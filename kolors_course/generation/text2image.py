@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Iterable
 
-from .bars import inner_progress, progress
+from kolors_course.core.progress import inner_progress, progress
+from kolors_course.models.pipeline import kit_pipeline
 
 #: the course's shared negative prompt (反向提示词)
 DEFAULT_NEGATIVE = "丑陋、变形、嘈杂、模糊、低对比度，扭曲的手指，多余的手指"
@@ -54,11 +55,11 @@ def generate(pipe, prompt: str, negative_prompt: str = DEFAULT_NEGATIVE, seed: i
 
     The same pipeline, prompt, seed and settings give the same image, bit for bit.
     """
-    prof = getattr(pipe, "kit_profile", None)
-    cfg_scale = cfg_scale if cfg_scale is not None else (prof.cfg_scale if prof else 4.0)
-    steps = steps if steps is not None else (prof.steps if prof else 50)
-    height = height if height is not None else (prof.height if prof else 1024)
-    width = width if width is not None else (prof.width if prof else 1024)
+    prof = kit_pipeline(pipe).profile
+    cfg_scale = cfg_scale if cfg_scale is not None else prof.cfg_scale
+    steps = steps if steps is not None else prof.steps
+    height = height if height is not None else prof.height
+    width = width if width is not None else prof.width
     _check_size(height, width)
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r}: use a non-negative integer")

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .paths import inside
+from kolors_course.core.paths import inside
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -210,9 +210,9 @@ def _metadata_rows(folder: Path, scan: SourceScan):
 def download_modelscope(dataset_id: str, dest: Path, subset: str = "default", split: str = "train",
                         limit: int | None = None, cache_dir: Path | None = None) -> Path:
     """Save a ModelScope image data set as image files + ``metadata.jsonl`` in ``dest``."""
-    from .models import _hub_reachable
+    from kolors_course.core.hub import hub_unreachable
 
-    why = _hub_reachable()
+    why = hub_unreachable()
     if why:
         raise SourceError(f"cannot download the ModelScope data set {dataset_id}: {why}. "
                           "Point `source` at a local folder of images, or use source='synthetic'.")

@@ -5,27 +5,28 @@ import json
 import time
 from pathlib import Path
 
-from .paths import project_path, relative_to_root
-
-
-_STARTED: dict[str, float] = {}
+from kolors_course.core.paths import project_path, relative_to_root
 
 
 def step_dir(out_dir: str, step: str) -> Path:
-    """``<out_dir>/<step>/``, created; ``out_dir`` is relative to the project root.
-    Also starts the clock that the step's summary reports."""
+    """``<out_dir>/<step>/``, created; ``out_dir`` is relative to the project root."""
     d = project_path(out_dir) / step
     d.mkdir(parents=True, exist_ok=True)
-    _STARTED.setdefault(step, time.perf_counter())
     return d
 
 
 class StepSummary:
-    """Collects what a notebook made and prints it as a short summary at the end."""
+    """Collects what a notebook made and prints it as a short summary at the end.
 
-    def __init__(self, step: str, folder: Path):
-        self.step, self.folder = step, Path(folder)
-        self.t0 = _STARTED.pop(step, time.perf_counter())
+    Made in a notebook's first cells (``summary = kc.StepSummary("01_text_to_image",
+    out_dir)``): its clock starts then, so the time it reports counts the whole
+    notebook, loading included.  ``summary.folder`` is the step's output folder.
+    """
+
+    def __init__(self, step: str, out_dir: str | Path):
+        self.step = step
+        self.folder = step_dir(out_dir, step)
+        self.t0 = time.perf_counter()
         self.items: list[tuple[str, str]] = []
 
     def add(self, what: str, value) -> None:

@@ -15,10 +15,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import data_clean, data_filter, data_sources
-from .bars import progress
-from .data_filter import FilterError, Recipe
-from .paths import project_path, relative_to_root
+import kolors_course.data.clean as data_clean
+import kolors_course.data.recipe as data_filter
+import kolors_course.data.sources as data_sources
+from kolors_course.core.progress import progress
+from kolors_course.data.recipe import FilterError, Recipe
+from kolors_course.core.paths import project_path, relative_to_root
 
 MARKER = "dataset.json"
 
@@ -182,14 +184,14 @@ def build_training_set(source: str, out: str | os.PathLike, recipe: Recipe | Non
         _write_train(final, tmp / "train")
         n_in = inp["image_files"]
         res = BuildResult(out, n_in, len(final), counts, [asdict(d) for d in dropped])
-        from .data_report import write_report
+        from kolors_course.data.report import write_report
         # the report draws dropped images from the paths checked when the folder was read
         # (None for a refused one), never from a name the metadata gave
         res.report = write_report(tmp, items_before=kept, items_after=final, dropped=dropped,
                                   counts=counts, sources={it.id: it.path for it in items}, inputs=inp)
         (tmp / MARKER).write_text(json.dumps({
             "source": source, "recipe": asdict(recipe), "captions": asdict(captions),
-            "trigger_word": captions.trigger,      # notebook 03 trains with it (kolors_course.trigger)
+            "trigger_word": captions.trigger,      # notebook 03 trains with it (kolors_course.core.trigger)
             "limit": limit, "seed": seed, "n_in": n_in, "n_rows": inp["metadata_rows"], "n_out": len(final),
             "counts": counts, "seconds": round(time.perf_counter() - t0, 1),
         }, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -295,7 +297,7 @@ def read_training_set(folder: str | os.PathLike) -> list[tuple[Path, str]]:
     if not meta.exists():
         raise DatasetError(f"no metadata.csv in {train}: build the training set first "
                            "(notebook 02_dataset)")
-    from .paths import inside
+    from kolors_course.core.paths import inside
 
     rows = []
     with meta.open(encoding="utf-8", newline="") as f:

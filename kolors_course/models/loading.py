@@ -19,8 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .profiles import Profile
-from . import tiny_models
+from kolors_course.core.hub import hub_unreachable
+from kolors_course.core.profiles import Profile
+from kolors_course.models.pipeline import FusedLoRA, KitPipeline, build_diffsynth_pipeline
+import kolors_course.models.tiny as tiny_models
 
 # what the kolors profile needs from ModelScope, per model id
 KOLORS_FILES = {
@@ -77,7 +79,7 @@ def ensure_weights(profile: Profile, download: bool = True) -> ModelFiles:
         return files
     if profile.model_source == "rehearsal":
         # random Kolors-sized weights, written by `kolors-course rehearsal` (about 18 GB): never downloaded
-        from .rehearsal import MARKER, cache_complete
+        from kolors_course.models.rehearsal import MARKER, cache_complete
 
         if not cache_complete(profile.cache_path):
             raise MissingWeightsError(
@@ -105,19 +107,6 @@ def _missing_message(profile: Profile, files: ModelFiles, cause: str = "") -> st
     return "\n".join(lines)
 
 
-def _hub_reachable(host: str = "www.modelscope.cn", timeout: float = 3.0) -> str | None:
-    """None if the hub answers, else why not (fast: one TCP connect)."""
-    import socket
-
-    if os.environ.get("MODELSCOPE_OFFLINE") or os.environ.get("HF_HUB_OFFLINE"):
-        return "offline mode is set (MODELSCOPE_OFFLINE/HF_HUB_OFFLINE)"
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return None
-    except OSError as exc:
-        return f"cannot reach {host} ({exc.__class__.__name__}: {exc})"
-
-
 def download_kolors_weights(profile: Profile, check_network: bool = True) -> Path:
     """Download the Kolors UNet, text encoder and fp16-fix VAE from ModelScope.
 
@@ -128,7 +117,7 @@ def download_kolors_weights(profile: Profile, check_network: bool = True) -> Pat
     files = model_files(profile)
     root = profile.cache_path
     if check_network:
-        why = _hub_reachable()
+        why = hub_unreachable()
         if why:
             raise MissingWeightsError(_missing_message(profile, files, why))
     root.mkdir(parents=True, exist_ok=True)
@@ -308,7 +297,7 @@ class ControlNetSpec:
 def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
                   lora_scale: float | None = None, controlnets: list[ControlNetSpec] | None = None,
                   device: str | None = None, download: bool = True, verbose: bool = False):
-    """The Kolors ``SDXLImagePipeline`` for ``profile``, optionally with a LoRA fused in.
+    """The Kolors pipeline for ``profile`` (a ``KitPipeline``), optionally with a LoRA fused in.
 
     ``lora_scale`` multiplies the training scale stored in the LoRA file
     (alpha / rank): 1.0 means "as trained", 0 means "off".
@@ -316,7 +305,7 @@ def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
     t0 = time.perf_counter()        # before the imports: a learner waits for those too
     from diffsynth.controlnets import ControlNetConfigUnit
 
-    from .profiles import choose_memory_mode
+    from kolors_course.core.profiles import choose_memory_mode
 
     device = device or _default_device(profile)
     mode, _ = choose_memory_mode(profile)
@@ -331,146 +320,24 @@ def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
             raise ModelLoadError(f"DiffSynth did not recognise the ControlNet {spec.path}; "
                                  "it loads the SDXL ControlNet-Union (promax) file only")
         units.append(ControlNetConfigUnit(spec.processor_id, spec.path, spec.scale))
+    kit = assemble(mm, profile, device, mode, units, verbose)
     if lora is not None:
-        from .lora_files import fuse_lora
+        from kolors_course.lora.files import fuse_lora
 
-        fuse_lora(mm, lora, scale=1.0 if lora_scale is None else lora_scale)
-    pipe = _assemble(mm, profile, device, mode, units, verbose)
-    pipe.kit_lora_fused = str(lora) if lora is not None else None
-    pipe.kit_load_seconds = time.perf_counter() - t0
-    return pipe
+        scale = 1.0 if lora_scale is None else lora_scale
+        fuse_lora(mm, lora, scale=scale)
+        kit.lora = FusedLoRA(str(lora), scale, at_load=True)
+    kit.load_seconds = time.perf_counter() - t0
+    return kit
 
 
-def _assemble(mm, profile: Profile, device: str, mode: str, units=(), verbose: bool = False):
-    """The pipeline over a loaded model manager, set up for the memory mode."""
-    from diffsynth import SDXLImagePipeline
-
+def assemble(mm, profile: Profile, device: str, mode: str, units=(), verbose: bool = False) -> KitPipeline:
+    """The kit's pipeline over a loaded model manager, set up for the memory mode."""
     with _quiet(verbose):
-        pipe = SDXLImagePipeline.from_model_manager(mm, controlnet_config_units=list(units), device=device)
+        pipe = build_diffsynth_pipeline(mm, units, device=device)
     if pipe.text_encoder_kolors is None or pipe.unet is None:
         raise ModelLoadError("the pipeline did not pick up the Kolors text encoder and UNet")
     if mode == "offload":
         # DiffSynth then moves each model to the GPU only while it runs, and back after
         pipe.enable_cpu_offload()
-    pipe.kit_profile = profile
-    pipe.kit_memory_mode = mode
-    pipe.kit_model_manager = mm
-    pipe.kit_lora_fused = None
-    pipe.kit_load_seconds = 0.0
-    return pipe
-
-
-def models_to_device(pipe, names: list[str]) -> None:
-    """Put ``names`` on the pipeline's device and, in the offload mode, everything else on the CPU.
-
-    Training calls it around its phases (encoding, then the UNet alone); in the
-    full mode it only moves what is asked, so nothing else leaves the GPU.
-    """
-    if getattr(pipe, "cpu_offload", False):
-        pipe.load_models_to_device(names)
-        return
-    for name in names:
-        model = getattr(pipe, name, None)
-        if model is not None:
-            model.to(pipe.device)
-
-
-def unet_config_path(pipe) -> Path:
-    """The diffusers ``config.json`` beside the UNet file this pipeline was loaded from.
-
-    Taken from the model manager rather than the profile's cache, so that a
-    pipeline loaded from elsewhere (random weights, a rehearsal cache) exports
-    LoRA names for the UNet it really has.
-    """
-    mm = pipe.kit_model_manager
-    return Path(mm.model_path[mm.model_name.index("sdxl_unet")]).with_name("config.json")
-
-
-# --- random-weight pipelines, for measuring memory and speed ---------------------------
-KOLORS_UNET_CONFIG = dict(
-    _class_name="UNet2DConditionModel", sample_size=128, in_channels=4, out_channels=4,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    block_out_channels=[320, 640, 1280], layers_per_block=2, transformer_layers_per_block=[1, 2, 10],
-    attention_head_dim=[5, 10, 20], use_linear_projection=True, cross_attention_dim=2048,
-    encoder_hid_dim=4096, encoder_hid_dim_type="text_proj", addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=5632,
-)
-#: ChatGLM3-6B as Kolors uses it
-KOLORS_TEXT_ENCODER_CONFIG = dict(
-    num_layers=28, padded_vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696, kv_channels=128,
-    num_attention_heads=32, seq_length=32768, multi_query_attention=True, multi_query_group_num=2,
-    add_qkv_bias=True, rmsnorm=True, post_layer_norm=True, original_rope=True, use_cache=False,
-)
-
-
-def random_pipeline(profile, sizes: str = "kolors", device: str | None = None, dtype=None,
-                    folder: str | os.PathLike | None = None):
-    """The Kolors pipeline with random weights: Kolors-sized (``sizes="kolors"``) or tiny.
-
-    Memory and speed do not depend on the weights' values, so this measures what
-    a learner's GPU needs without downloading 18 GB.  Images are noise.
-    """
-    import tempfile
-
-    import torch
-    from diffsynth import ModelManager
-    from diffsynth.models.kolors_text_encoder import ChatGLMConfig, ChatGLMModel
-
-    device = device or profile.device
-    dtype = dtype or (torch.float16 if device != "cpu" else torch.float32)
-    folder = Path(folder or tempfile.mkdtemp(prefix="random-kolors-"))
-    (folder / "unet").mkdir(parents=True, exist_ok=True)
-    if sizes == "kolors":
-        from diffsynth.models.sdxl_unet import SDXLUNet
-        from diffsynth.models.sdxl_vae_decoder import SDXLVAEDecoder
-        from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
-
-        classes = {"sdxl_unet": lambda: SDXLUNet(is_kolors=True), "sdxl_vae_encoder": SDXLVAEEncoder,
-                   "sdxl_vae_decoder": SDXLVAEDecoder}
-        unet_cfg, te_cfg = KOLORS_UNET_CONFIG, KOLORS_TEXT_ENCODER_CONFIG
-    elif sizes == "tiny":
-        tiny = tiny_models.diffsynth_classes()
-        classes = {"sdxl_unet": tiny["sdxl_unet"], "sdxl_vae_encoder": tiny["sdxl_vae_encoder"],
-                   "sdxl_vae_decoder": tiny["sdxl_vae_decoder"]}
-        unet_cfg = {"_class_name": "UNet2DConditionModel", **tiny_models.unet_diffusers_config()}
-        te_cfg = {k: v for k, v in tiny_models.text_encoder_config().items()
-                  if k not in ("architectures", "model_type", "torch_dtype")}
-    else:
-        raise ValueError("sizes must be 'kolors' or 'tiny'")
-    (folder / "unet" / "config.json").write_text(json.dumps(unet_cfg, default=list))
-    mm = ModelManager(torch_dtype=dtype, device=device)
-    previous = torch.get_default_dtype()
-    torch.manual_seed(0)
-    try:
-        # built directly in the target dtype and device: a 6B text encoder in fp32 would not fit
-        torch.set_default_dtype(dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else previous)
-        with torch.device(device):
-            built = {name: make() for name, make in classes.items()}
-            # empty_init=False: ChatGLM otherwise leaves its weights as uninitialised memory
-            built["kolors_text_encoder"] = ChatGLMModel(ChatGLMConfig(**te_cfg), empty_init=False)
-    finally:
-        torch.set_default_dtype(previous)
-    with torch.no_grad():   # ChatGLM's RMSNorm allocates its weight with torch.empty and never fills it
-        for module in built["kolors_text_encoder"].modules():
-            if type(module).__name__ == "RMSNorm":
-                module.weight.fill_(1.0)
-    for name, model in built.items():
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise ModelLoadError(f"random {name} has non-finite weights")
-        if name.startswith("sdxl_vae"):
-            model = model.to(dtype=torch.float32)     # DiffSynth upcasts the SDXL VAE too
-        mm.model.append(model.eval())
-        mm.model_name.append(name)
-        mm.model_path.append(str(folder / "unet" / "diffusion_pytorch_model.safetensors")
-                             if name == "sdxl_unet" else str(folder / name))
-    from .profiles import choose_memory_mode
-
-    mode, _ = choose_memory_mode(profile)
-    if mode == "offload":
-        # built on the GPU (fast random init), then parked where the offload mode keeps them
-        for model in mm.model:
-            model.to("cpu")
-        if device != "cpu":
-            torch.cuda.empty_cache()
-    return _assemble(mm, profile, device, mode)
+    return KitPipeline(pipe, profile, mm, memory_mode=mode)

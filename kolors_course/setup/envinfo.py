@@ -16,7 +16,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from .bars import in_notebook, is_headless
+from kolors_course.core.progress import in_notebook, is_headless
 
 #: distribution name -> import name, for the packages the course relies on
 KEY_PACKAGES = {

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import yaml
 
+from kolors_course.core.state import (environ, environ_default, loguru_disabled, loguru_handlers_scoped,
+                                       working_directory)
+
 
 class FilterError(RuntimeError):
     """data-juicer failed, lost samples, or kept nothing."""
@@ -127,28 +130,20 @@ def write_dj_input(items, path: Path, base: Path) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-@contextlib.contextmanager
-def _chdir(path: Path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
 def run_recipe(folder: Path, recipe: Recipe, n_samples: int, verbose: bool = False) -> dict:
     """Run ``folder/recipe.yaml`` through data-juicer; return kept ids and per-filter drops.
 
     Returns ``{"kept": {id: stats}, "dropped": {op_name: [(id, stats), ...]}}``.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")        # datasets pings the hub otherwise
-    from data_juicer.config import init_configs
-    from data_juicer.core import DefaultExecutor
-
     folder = Path(folder).resolve()
-    with _chdir(folder), _quiet_dj(verbose), _library_bars_off(), _close_new_log_files(), \
-            _ray_job_flag(recipe.executor == "ray"):   # the YAML holds paths relative to its folder
+    # datasets pings the hub on load unless HF_HUB_OFFLINE is set (a learner's own value wins);
+    # data-juicer marks Ray mode in RAY_JOB and never clears it, which would break a later
+    # local run in the same kernel; the YAML holds paths relative to its folder
+    with environ_default(HF_HUB_OFFLINE="1"), environ(RAY_JOB="1" if recipe.executor == "ray" else "0"), \
+            working_directory(folder), _quiet_dj(verbose), _library_bars_off(), loguru_handlers_scoped():
+        from data_juicer.config import init_configs
+        from data_juicer.core import DefaultExecutor
+
         try:
             # absolute paths for this run: Ray actors do not share our working directory
             cfg = init_configs(["--config", "recipe.yaml",
@@ -189,21 +184,6 @@ def run_recipe(folder: Path, recipe: Recipe, n_samples: int, verbose: bool = Fal
 
 
 @contextlib.contextmanager
-def _ray_job_flag(on: bool):
-    """data-juicer marks Ray mode in os.environ["RAY_JOB"] and never clears it, which
-    breaks a later local run in the same kernel; set it for this run only."""
-    before = os.environ.get("RAY_JOB")
-    os.environ["RAY_JOB"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("RAY_JOB", None)
-        else:
-            os.environ["RAY_JOB"] = before
-
-
-@contextlib.contextmanager
 def _library_bars_off():
     """No progress bars from ``datasets`` (which data-juicer drives) during the run.
 
@@ -228,37 +208,15 @@ def _library_bars_off():
 
 
 @contextlib.contextmanager
-def _close_new_log_files():
-    """data-juicer opens log files in its work folder and leaves them open; close them
-    before the folder is moved into place (loguru would fail to rotate them later)."""
-    from loguru import logger
-
-    core = getattr(logger, "_core", None)
-    before = set(getattr(core, "handlers", {}) or {})
-    try:
-        yield
-    finally:
-        for hid in set(getattr(core, "handlers", {}) or {}) - before:
-            with contextlib.suppress(Exception):
-                logger.remove(hid)
-
-
-@contextlib.contextmanager
 def _quiet_dj(verbose: bool):
     """data-juicer logs every op and prints its config table; keep that for ``verbose``.
     Errors are unaffected: with ``skip_op_error: False`` they raise."""
     if verbose:
         yield
         return
-    from loguru import logger
-
-    logger.disable("data_juicer")
     sink = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            yield
-    finally:
-        logger.enable("data_juicer")
+    with loguru_disabled("data_juicer"), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
 
 
 def _failing_op(exc: Exception, recipe: Recipe) -> str:

@@ -109,8 +109,8 @@ def preview_training_set(folder, n: int = 8, save_to=None):
     """A grid of the first ``n`` training images, labelled with their file names."""
     from PIL import Image
 
-    from .dataset import read_training_set
-    from .viz import show_grid
+    from kolors_course.data.build import read_training_set
+    from kolors_course.core.images import show_grid
 
     items = []
     for p, _ in read_training_set(folder)[:n]:

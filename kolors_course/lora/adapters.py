@@ -1,0 +1,71 @@
+"""The LoRA adapters: peft on the UNet's attention projections, their weights read and written
+through peft's own state-dict calls, and the optimizer that trains them."""
+from __future__ import annotations
+
+
+import torch
+
+from kolors_course.core.state import torch_global_seed
+from kolors_course.lora.config import TrainConfig, TrainingError
+
+
+def add_lora(unet, cfg: TrainConfig):
+    """Freeze the UNet and add peft LoRA adapters to its attention projections."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet.requires_grad_(False)
+    names = {n.split(".")[-1] for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in cfg.target_modules if t not in names]
+    if missing:
+        raise TrainingError(f"target_modules {missing} are not layers of this UNet "
+                            "(its attention layers are to_q, to_k, to_v, to_out)")
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
+                      init_lora_weights=True, lora_dropout=0.0)
+    # peft draws the initial A matrices from torch's global generator: seeded for the run,
+    # and the learner's generator put back afterwards
+    with torch_global_seed(cfg.seed):
+        inject_adapter_in_model(lcfg, unet)
+    params = []
+    for n, p in unet.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()     # LoRA weights train in fp32 under mixed precision
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def lora_state(unet) -> dict:
+    """The LoRA weights only, as a float32 CPU state dict (``{module}.lora_A.weight`` ...):
+    peft's own view of the adapter, without its adapter-name infix."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def load_lora_state(unet, state: dict) -> None:
+    """Put ``state`` (as ``lora_state`` returns it) into the UNet's adapters, all or nothing."""
+    from peft import set_peft_model_state_dict
+
+    if set(lora_state(unet)) != set(state):
+        raise TrainingError("the checkpoint's LoRA layers do not match this run's settings "
+                            "(rank or target_modules changed?); start a new run_name")
+    with torch.no_grad():
+        result = set_peft_model_state_dict(unet, state)
+    if result.unexpected_keys:
+        raise TrainingError(f"peft did not place {len(result.unexpected_keys)} checkpoint tensors "
+                            f"(e.g. {result.unexpected_keys[:2]}); start a new run_name")
+
+
+def all_finite(tensors) -> bool:
+    tensors = list(tensors)
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+def make_optimizer(params, cfg: TrainConfig):
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise TrainingError("use_8bit_adam=True needs `pip install bitsandbytes` (GPU only)") from exc
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

@@ -1,0 +1,52 @@
+"""Changing a LoRA's strength on a loaded pipeline without reloading the model.
+
+The original weights of the layers a LoRA touches are kept aside (in the kit's
+pipeline object) the first time, so any scale (0 = off) is applied to the same base
+weights, and switching to another LoRA first puts the base weights back.
+"""
+from __future__ import annotations
+
+import torch
+
+from kolors_course.lora.files import fuse_lora, read_lora
+from kolors_course.models.pipeline import FusedLoRA, kit_pipeline
+
+
+def set_lora_scale(pipe, lora_path, scale: float) -> None:
+    """Make the UNet hold ``lora_path`` at ``scale`` (1.0 = as trained, 0 = off)."""
+    pipe = kit_pipeline(pipe)
+    if pipe.lora is not None and pipe.lora.at_load:
+        raise RuntimeError("this pipeline already has a LoRA fused at load time; load it without "
+                           "`lora=` and let set_lora_scale apply the LoRA")
+    params = dict(pipe.unet.named_parameters())
+    if pipe.base_weights is not None and pipe.base_weights_for != str(lora_path):
+        _restore(params, pipe.base_weights)         # another LoRA: put the base weights back first
+        pipe.base_weights, pipe.base_weights_for = None, None
+    if pipe.base_weights is None:
+        modules, _ = read_lora(lora_path, pipe.unet_config_path)
+        pipe.base_weights = {f"{m}.weight": params[f"{m}.weight"].detach().clone() for m in modules}
+        pipe.base_weights_for = str(lora_path)
+    _restore(params, pipe.base_weights)
+    if scale:
+        fuse_lora(pipe.model_manager, lora_path, scale=scale)
+    pipe.lora = FusedLoRA(str(lora_path), scale, at_load=False) if scale else None
+
+
+def _restore(params: dict, saved: dict) -> None:
+    with torch.no_grad():
+        for name, w in saved.items():
+            params[name].copy_(w)
+
+
+def strength_sweep(pipe, lora_path, story, scene: int, settings: dict, values=(0.0, 0.5, 1.0, 1.5)):
+    """One scene (1-based) at several LoRA strengths: ``[(label, image), ...]``."""
+    from kolors_course.generation.text2image import generate
+
+    sc = story.scenes[scene - 1]
+    out = []
+    for s in values:
+        set_lora_scale(pipe, lora_path, s)
+        out.append((f"strength {s}", generate(pipe, story.prompt(scene - 1), story.negative, seed=sc.seed,
+                                              cfg_scale=settings["cfg_scale"], steps=settings["steps"],
+                                              height=settings["height"], width=settings["width"])))
+    return out

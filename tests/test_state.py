@@ -1,0 +1,147 @@
+"""No state left behind: every context manager in ``core.state`` puts back what it changed,
+on success and on error, and the kit's calls that change process-wide state (data-juicer's
+run, image decoding, LoRA training, random-weight pipelines, the stand-in scorer, the
+notebook runner) leave the process as they found it."""
+import os
+
+import pytest
+import torch
+from PIL import ImageFile
+
+from kolors_course.core import state
+
+
+def snapshot() -> dict:
+    """Everything the kit might change for the whole process."""
+    import warnings
+
+    return {
+        "environ": dict(os.environ),
+        "cwd": os.getcwd(),
+        "pillow_truncated": ImageFile.LOAD_TRUNCATED_IMAGES,
+        "loguru": state.loguru_handler_ids(),
+        "torch_rng": torch.random.get_rng_state(),
+        "torch_dtype": torch.get_default_dtype(),
+        "torch_threads": torch.get_num_threads(),
+        "warning_filters": len(warnings.filters),
+    }
+
+
+def assert_same(before: dict, after: dict) -> None:
+    env_b, env_a = before["environ"], after["environ"]
+    changed = {k for k in set(env_b) | set(env_a) if env_b.get(k) != env_a.get(k)}
+    assert not changed, f"environment variables changed: {sorted(changed)}"
+    assert after["cwd"] == before["cwd"]
+    assert after["pillow_truncated"] == before["pillow_truncated"]
+    assert after["loguru"] == before["loguru"], "loguru handlers added or removed"
+    assert torch.equal(after["torch_rng"], before["torch_rng"]), "torch's global generator was reseeded"
+    assert after["torch_dtype"] == before["torch_dtype"]
+    assert after["torch_threads"] == before["torch_threads"]
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_environ_sets_removes_and_restores(monkeypatch, fail):
+    monkeypatch.setenv("KC_TEST_A", "old")
+    monkeypatch.delenv("KC_TEST_B", raising=False)
+    before = snapshot()
+    try:
+        with state.environ(KC_TEST_A=None, KC_TEST_B="new"):
+            assert "KC_TEST_A" not in os.environ and os.environ["KC_TEST_B"] == "new"
+            if fail:
+                raise Boom
+    except Boom:
+        pass
+    assert_same(before, snapshot())
+
+
+def test_environ_default_keeps_the_learners_value(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with state.environ_default(HF_HUB_OFFLINE="1", KC_TEST_C="x"):
+        assert os.environ["HF_HUB_OFFLINE"] == "0" and os.environ["KC_TEST_C"] == "x"
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and "KC_TEST_C" not in os.environ
+
+
+def test_working_directory_comes_back_after_an_error(tmp_path):
+    before = os.getcwd()
+    with pytest.raises(Boom):
+        with state.working_directory(tmp_path):
+            assert os.getcwd() == str(tmp_path)
+            raise Boom
+    assert os.getcwd() == before
+
+
+def test_pillow_flag_is_strict_inside_and_restored():
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True       # as data-juicer leaves it
+    try:
+        with state.pillow_strict_decoding():
+            assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+def test_torch_global_seed_is_reproducible_and_leaves_the_sequence_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)            # what the learner's next draw is without the kit
+    torch.manual_seed(123)
+    with state.torch_global_seed(5):
+        inside = torch.rand(2)
+    with state.torch_global_seed(5):
+        assert torch.equal(torch.rand(2), inside)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_loguru_handlers_added_inside_are_removed(tmp_path):
+    from loguru import logger
+
+    before = state.loguru_handler_ids()
+    with state.loguru_handlers_scoped():
+        logger.add(str(tmp_path / "x.log"))
+    assert state.loguru_handler_ids() == before
+
+
+# --- the kit's own calls ------------------------------------------------------------------
+def test_a_data_juicer_build_leaves_no_state(tmp_path, monkeypatch):
+    from kolors_course.data.build import build_training_set
+    from kolors_course.data.recipe import Recipe
+
+    # what data-juicer's modules do when first imported (set their own environment variables,
+    # flip Pillow's flag) is theirs, once per process; what the kit's run leaves is tested here
+    import data_juicer.config  # noqa: F401
+    import data_juicer.core  # noqa: F401
+    build_training_set("synthetic", tmp_path / "warm-up", recipe=Recipe(min_width=48, min_height=48), limit=2)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)     # the kit sets it for the run only
+    monkeypatch.delenv("RAY_JOB", raising=False)
+    before = snapshot()
+    build_training_set("synthetic", tmp_path / "ds", recipe=Recipe(min_width=48, min_height=48), limit=6)
+    assert_same(before, snapshot())
+
+
+def test_training_and_random_pipelines_leave_torch_alone(tiny, tmp_path):
+    from kolors_course.data.build import build_training_set
+    from kolors_course.data.recipe import Recipe
+    from kolors_course.lora.config import TrainConfig
+    from kolors_course.lora.train import train_lora
+    from kolors_course.models.random_weights import random_pipeline
+
+    ds = build_training_set("synthetic", tmp_path / "ds", recipe=Recipe(min_width=48, min_height=48), limit=4)
+    # a first run imports what accelerate and torch import once per process (torch's compiler
+    # sets TORCHINDUCTOR_CACHE_DIR then); what every later run leaves is the kit's
+    train_lora(tiny, ds.folder, tmp_path / "warm-up", TrainConfig.for_profile(tiny, max_steps=1, validate_every=None))
+    before = snapshot()
+    train_lora(tiny, ds.folder, tmp_path / "run", TrainConfig.for_profile(tiny, max_steps=2, validate_every=None))
+    random_pipeline(tiny, "tiny", "cpu", folder=tmp_path / "random")
+    assert_same(before, snapshot())
+
+
+def test_the_stand_in_scorer_leaves_torch_alone(tmp_path):
+    from kolors_course.story.scoring import build_tiny_scorer
+
+    before = snapshot()
+    build_tiny_scorer(tmp_path / "scorer")
+    assert_same(before, snapshot())
