@@ -38,7 +38,7 @@ _EXPORTS = {
     "DEFAULT_NEGATIVE": "generation.text2image",
     "image_grid": "core.images", "show_grid": "core.images", "save_images": "core.images",
     "prompt_playground": "generation.playground", "caption_editor": "data.caption_editor",
-    "build_training_set": "data.build", "read_training_set": "data.build", "Captions": "data.build",
+    "build_training_set": "data.build", "read_training_set": "data.training_set", "Captions": "data.build",
     "Recipe": "data.recipe", "make_synthetic_source": "data.sources",
     "preview_training_set": "data.report",
     "TrainConfig": "lora.config", "train_lora": "lora.train", "lora_demo": "lora.lessons",
@@ -52,7 +52,8 @@ _EXPORTS = {
     "environment_report": "setup.envinfo", "print_environment_report": "setup.envinfo",
     "needs_restart": "setup.envinfo", "restart_kernel": "setup.envinfo",
     "progress": "core.progress", "is_headless": "core.progress",
-    "step_dir": "core.steps", "StepSummary": "core.steps",
+    "step_dir": "core.steps", "StepSummary": "core.steps", "dataset_folder": "core.steps",
+    "lora_run_folder": "core.steps", "lora_file": "core.steps",
 }
 
 

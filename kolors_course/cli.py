@@ -68,7 +68,7 @@ def cmd_batch(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from kolors_course.data.build import DatasetError
+    from kolors_course.data.training_set import DatasetError
     from kolors_course.lora.config import TrainConfig, TrainingError
     from kolors_course.lora.train import train_lora
     from kolors_course.core.profiles import choose_profile

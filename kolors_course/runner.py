@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kolors_course.core.paths import project_path, project_root, relative_to_root
 from kolors_course.core.state import environ, environ_default
+from kolors_course.core.steps import gallery_file
 
 
 @dataclass
@@ -241,7 +242,7 @@ def run_batch(path: str | os.PathLike, quiet: bool = False) -> list[dict]:
             results = run_notebooks(batch["notebooks"] or None, out=out / name, profile=batch["profile"],
                                     parameters=s.get("parameters") or {}, quiet=quiet)
             failed = [r for r in results if r.status == "failed"]
-            gallery = out / name / "04_story" / "gallery.html"
+            gallery = gallery_file(out / name)
             entries.append({"name": name, "status": "failed" if failed else "ok",
                             "detail": (f"{failed[0].notebook}, cell {failed[0].cell}: {failed[0].error}"
                                        if failed else f"{sum(r.seconds for r in results):.0f} s"),

@@ -14,8 +14,10 @@ import kolors_course.data.clean as data_clean
 import kolors_course.data.recipe as data_filter
 import kolors_course.data.sources as data_sources
 import kolors_course.data.build as dataset
+import kolors_course.data.training_set as training_set
 from kolors_course.data.recipe import Recipe
-from kolors_course.data.build import Captions, DatasetError, build_training_set
+from kolors_course.data.build import Captions, build_training_set
+from kolors_course.data.training_set import DatasetError
 
 SMALL = Recipe(min_width=48, min_height=48, min_ratio=0.5, max_ratio=2.0, min_size="1KB")
 
@@ -247,7 +249,7 @@ def test_metadata_jsonl_and_missing_captions_policy(tmp_path):
     assert res.n_out == 1 and res.dropped[0]["stage"] == "caption"
     res = build_training_set(str(src), tmp_path / "o2", recipe=r,
                              captions=Captions(mode="template", trigger="T", template="{trigger}，第{index}张"))
-    texts = [t for _, t in dataset.read_training_set(tmp_path / "o2")]
+    texts = [t for _, t in training_set.read_training_set(tmp_path / "o2")]
     assert texts == ["T，第0张", "T，第1张"]
 
 
@@ -277,13 +279,17 @@ def test_caption_editor_saves_atomically(synthetic_build, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(synthetic_build.folder, copy)
     ui = caption_editor(copy)
-    ui.kit_edits["00000.jpg"] = "新的标注"
-    ui.kit_save()
-    rows = dataset.read_training_set(copy)
+    before = training_set.read_training_set(copy)
+    ui.pick.value = "00000.jpg"
+    ui.text.value = "新的标注"          # what typing in the box does
+    ui.button.click()                   # what the Save button does
+    rows = training_set.read_training_set(copy)
     assert rows[0][1] == "新的标注" and len(rows) == synthetic_build.n_out
+    assert rows[1:] == before[1:], "only the edited row changes"
+    assert "saved 1 caption" in ui.status.value
     with pytest.raises(DatasetError, match="empty"):
-        dataset.save_captions(copy, {"00001.jpg": "  "})
-    assert dataset.read_training_set(copy)[0][1] == "新的标注"
+        training_set.save_captions(copy, {"00001.jpg": "  "})
+    assert training_set.read_training_set(copy)[0][1] == "新的标注"
 
 
 # --- data-juicer's Ray executor -------------------------------------------------------
@@ -384,7 +390,7 @@ def test_data_juicer_style_metadata_jsonl_is_accepted(tmp_path):
         '{"images": ["images/b.jpg"], "text": "一只狗"}\n', encoding="utf-8")
     res = build_training_set(str(src), tmp_path / "out", recipe=Recipe(min_width=8, min_height=8))
     assert res.n_out == 2 and not res.dropped
-    assert sorted(t for _, t in dataset.read_training_set(tmp_path / "out")) == ["一只狗", "一只猫"]
+    assert sorted(t for _, t in training_set.read_training_set(tmp_path / "out")) == ["一只狗", "一只猫"]
 
 
 @pytest.mark.parametrize("row, says", [
@@ -440,7 +446,7 @@ def test_when_both_metadata_files_exist_the_choice_is_said_and_recorded(tmp_path
     (src / "metadata.csv").write_text("file_name,text\na.jpg,来自csv\n", encoding="utf-8")
     (src / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "来自jsonl"}\n', encoding="utf-8")
     res = build_training_set(str(src), tmp_path / "out", recipe=Recipe(min_width=8, min_height=8))
-    assert [t for _, t in dataset.read_training_set(tmp_path / "out")] == ["来自jsonl"]
+    assert [t for _, t in training_set.read_training_set(tmp_path / "out")] == ["来自jsonl"]
     said = capsys.readouterr().out
     assert "metadata.jsonl" in said and "metadata.csv" in said and "ignor" in said
     inp = json.loads((tmp_path / "out" / "report" / "report.json").read_text(encoding="utf-8"))["input"]

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 import kolors_course.lora.files as lora_files
 import kolors_course.models.loading as models
 from kolors_course.data.recipe import Recipe
-from kolors_course.data.build import DatasetError, build_training_set
+from kolors_course.data.build import build_training_set
+from kolors_course.data.training_set import DatasetError
 from kolors_course.lora.config import TrainConfig, TrainingError
 from kolors_course.lora.lessons import lora_demo, lora_parameter_counts
 from kolors_course.lora.memory import preflight
@@ -225,12 +226,31 @@ def test_lora_file_errors(tiny, tmp_path, trained):
         lora_files.fuse_lora(mm, trained.files["lora"], scale=-1)
 
 
-def test_teaching_helpers(tiny_pipe):
-    d = lora_demo(rank=2)
-    torch.testing.assert_close(d["W_new"] - d["W"], (4.0 / 2) * d["B"] @ d["A"])
-    assert d["rank_of_delta"] == 2 and d["lora_params"] < d["full_params"]
+def test_the_lora_demo_matches_what_peft_merges():
+    """lora_demo's W + (alpha/rank)·B·A, checked against peft's own merge of the same A and B."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    d = lora_demo(d_out=6, d_in=8, rank=2, alpha=4.0)
+    layer = torch.nn.Sequential()
+    layer.add_module("to_q", torch.nn.Linear(8, 6, bias=False))
+    layer.to_q.weight.data = d["W"].clone()
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4.0, target_modules=["to_q"]), layer)
+    layer.to_q.lora_A.default.weight.data = d["A"].clone()
+    layer.to_q.lora_B.default.weight.data = d["B"].clone()
+    layer.to_q.merge()
+    torch.testing.assert_close(layer.to_q.base_layer.weight.data, d["W_new"])
+    assert torch.linalg.matrix_rank(d["W_new"] - d["W"]) == d["rank_of_delta"] == 2
+
+
+def test_parameter_counts_match_the_adapters_training_creates(tiny, tiny_pipe):
+    from kolors_course.lora.adapters import add_lora
+    from kolors_course.models.loading import load_pipeline
+
     total, counts = lora_parameter_counts(tiny_pipe.unet, ranks=(1, 4))
-    assert counts[4] == 4 * counts[1] and counts[4] < total
+    unet = load_pipeline(tiny).unet
+    params = add_lora(unet, TrainConfig.for_profile(tiny, rank=4))
+    assert sum(p.numel() for p in params) == counts[4]
+    assert total == sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
 
 
 def test_preflight_advises_on_a_small_gpu(monkeypatch):
@@ -241,3 +261,72 @@ def test_preflight_advises_on_a_small_gpu(monkeypatch):
     assert "gradient_checkpointing=True" in advice and "batch_size=1" in advice
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (23 * 2**30, 24 * 2**30))
     assert preflight(TrainConfig(), "cuda") == [], "the defaults must fit a 24 GB GPU"
+
+
+# --- settings the other tests leave at their defaults ---------------------------------------
+def _checkpoint_state(run, step):
+    return torch.load(run / "checkpoints" / f"step-{step:06d}" / "state.pt", weights_only=True)
+
+
+def test_gradient_accumulation_and_a_linear_schedule_step_once_per_step(tiny, dataset_dir, tmp_path):
+    """grad_accum=2: two micro-batches per optimizer step, so a linear schedule over 4 steps
+    reaches zero after 4 steps (not 2), and the weights differ from a run without accumulation."""
+    cfg = dict(max_steps=4, checkpoint_every=2, validate_every=None, learning_rate=1e-2,
+               lr_scheduler="linear", batch_size=1)
+    acc = train_lora(tiny, dataset_dir, tmp_path / "acc", TrainConfig.for_profile(tiny, grad_accum=2, **cfg))
+    one = train_lora(tiny, dataset_dir, tmp_path / "one", TrainConfig.for_profile(tiny, grad_accum=1, **cfg))
+    half = _checkpoint_state(acc.run_dir, 2)["scheduler"]["_last_lr"][0]
+    end = _checkpoint_state(acc.run_dir, 4)["scheduler"]["_last_lr"][0]
+    assert half == pytest.approx(0.5e-2) and end == pytest.approx(0.0)
+    assert len(acc.losses) == 4
+    a, b = load_file(str(acc.files["lora"])), load_file(str(one.files["lora"]))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_cosine_schedule_with_warm_up_follows_its_curve(tiny, dataset_dir, tmp_path):
+    import math
+
+    cfg = TrainConfig.for_profile(tiny, max_steps=6, checkpoint_every=1, keep_last=6, validate_every=None,
+                                  learning_rate=1e-2, lr_scheduler="cosine", warmup_steps=2)
+    res = train_lora(tiny, dataset_dir, tmp_path / "cos", cfg)
+    lrs = [_checkpoint_state(res.run_dir, s)["scheduler"]["_last_lr"][0] for s in range(1, 7)]
+    expected = [1e-2 * s / 2 if s < 2 else 1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(1, 7)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_latents_computed_on_the_fly_train_as_cached_ones(tiny, dataset_dir, tmp_path):
+    """cache_latents=False keeps the VAE encoder in the loop; its encoding is deterministic,
+    so the run is the same run."""
+    cfg = dict(max_steps=3, validate_every=None, learning_rate=1e-2, random_flip=False)
+    cached = train_lora(tiny, dataset_dir, tmp_path / "c", TrainConfig.for_profile(tiny, cache_latents=True, **cfg))
+    live = train_lora(tiny, dataset_dir, tmp_path / "l", TrainConfig.for_profile(tiny, cache_latents=False, **cfg))
+    assert live.losses == pytest.approx(cached.losses, rel=1e-5)
+
+
+def test_set_lora_scale_switches_between_two_loras_without_accumulating(tiny, dataset_dir, trained, tmp_path):
+    from kolors_course.lora.strength import set_lora_scale
+
+    other = train_lora(tiny, dataset_dir, tmp_path / "other",
+                       TrainConfig.for_profile(tiny, max_steps=10, learning_rate=1e-2, seed=7, validate_every=None))
+    pipe = models.load_pipeline(tiny)
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+
+    def now():
+        return pipe.unet.state_dict()
+
+    def equal(a, b):
+        return all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    expect_a = models.load_pipeline(tiny, lora=trained.files["lora"]).unet.state_dict()
+    expect_b = models.load_pipeline(tiny, lora=other.files["lora"]).unet.state_dict()
+    set_lora_scale(pipe, trained.files["lora"], 1.0)
+    assert equal(now(), expect_a)
+    set_lora_scale(pipe, other.files["lora"], 1.0)         # another LoRA: A comes off first
+    assert equal(now(), expect_b) and not equal(now(), expect_a)
+    set_lora_scale(pipe, trained.files["lora"], 1.0)
+    assert equal(now(), expect_a)
+    set_lora_scale(pipe, trained.files["lora"], 0.0)
+    assert equal(now(), base) and pipe.lora is None
+    fused = models.load_pipeline(tiny, lora=trained.files["lora"])
+    with pytest.raises(RuntimeError, match="fused at load time"):
+        set_lora_scale(fused, other.files["lora"], 1.0)

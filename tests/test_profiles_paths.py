@@ -6,11 +6,19 @@ import kolors_course.core.paths as paths
 from kolors_course.core.profiles import KOLORS, TINY, choose_profile
 
 
-def test_profiles_hold_their_sizes():
-    assert (TINY.height, TINY.width, TINY.steps) == (64, 64, 2)
-    assert (KOLORS.height, KOLORS.width, KOLORS.steps) == (1024, 1024, 50)
-    assert KOLORS.device == "cuda" and TINY.device == "cpu"
-    assert KOLORS.lora_rank == 16 and KOLORS.lora_alpha == 4.0
+def test_a_profiles_training_defaults_reach_the_training_config():
+    from kolors_course.lora.config import TrainConfig
+
+    for prof in (TINY, KOLORS, TINY.with_(lora_rank=8, train_steps=30, validations=0)):
+        cfg = TrainConfig.for_profile(prof)
+        assert (cfg.rank, cfg.alpha, cfg.max_steps, cfg.resolution, cfg.batch_size) == (
+            prof.lora_rank, prof.lora_alpha, prof.train_steps, prof.train_resolution, prof.batch_size)
+        assert (cfg.validate_every is None) == (prof.validations == 0)
+
+
+def test_an_unknown_profile_field_is_an_error():
+    with pytest.raises(TypeError, match="unknown profile field"):
+        choose_profile("tiny", stpes=4)
 
 
 def test_auto_picks_tiny_without_gpu_and_says_why(capsys, monkeypatch):

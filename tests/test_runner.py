@@ -67,3 +67,46 @@ def test_train_command_refuses_bad_settings(tmp_path, capsys):
     code = cli.main(["train", "--dataset", str(tmp_path / "none"), "--run", str(tmp_path / "r"),
                      "--profile", "tiny"])
     assert code == 2 and "build the training set" in capsys.readouterr().err
+
+
+# --- the other commands ----------------------------------------------------------------------
+def test_env_command_reports_the_machine_and_the_restart_check(capsys):
+    import platform
+
+    import torch
+
+    assert cli.main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert platform.python_version() in out and torch.__version__ in out
+    assert "No restart needed" in out
+
+
+def test_fetch_for_kolors_offline_names_the_missing_files_and_the_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["fetch", "--profile", "kolors", "--cache", str(tmp_path / "w")]) == 1
+    err = capsys.readouterr().err
+    assert "diffusion_pytorch_model.safetensors" in err and "kolors-course fetch" in err
+    assert "offline" in err and "profile='tiny'" in err
+    assert not any((tmp_path / "w").rglob("*.safetensors")), "nothing half-downloaded is left"
+
+
+def test_fetch_for_tiny_writes_files_that_load(tmp_path, capsys):
+    from kolors_course.core.profiles import choose_profile
+    from kolors_course.models.loading import load_pipeline
+
+    assert cli.main(["fetch", "--profile", "tiny", "--cache", str(tmp_path / "t")]) == 0
+    assert "tiny weights ready" in capsys.readouterr().out
+    pipe = load_pipeline(choose_profile("tiny", cache_dir=str(tmp_path / "t")), download=False)
+    assert pipe.model_path("sdxl_unet").is_relative_to(tmp_path / "t")
+
+
+def test_run_leaves_the_environment_as_it_was(tmp_path, monkeypatch):
+    import os
+
+    for name in ("KOLORS_COURSE_HEADLESS", "KOLORS_COURSE_HOME", "MPLBACKEND"):   # set by conftest
+        monkeypatch.delenv(name, raising=False)
+    nb = _notebook(tmp_path / "96_env.ipynb", "import os\nassert os.environ['KOLORS_COURSE_HEADLESS'] == '1'")
+    before = dict(os.environ)
+    results = runner.run_notebooks([str(nb)], out=tmp_path / "out", quiet=True)
+    assert [r.status for r in results] == ["ok"], results[0].error
+    assert dict(os.environ) == before

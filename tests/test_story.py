@@ -119,7 +119,6 @@ def test_tiny_scorer_runs_the_real_classes(tiny, tiny_pipe):
     imgs = [generate(tiny_pipe, "猫", seed=s) for s in range(3)]
     a, b = scorer.score(imgs), scorer.score(imgs)
     assert a.per_image == b.per_image and len(a.per_image) == 3
-    assert a.mean == pytest.approx(sum(a.per_image) / 3, abs=1e-3)
     assert not a.meaningful and "mean nothing" in a.report()
     assert a.valid == (a.mean >= 6.0)
     fake = scoring.Scores([6.5, 5.0], 5.75, 6.0, True)

@@ -16,11 +16,6 @@ def _story_dict(n=8):
             "scenes": [{"framing": "远景", "place": f"地点{i}", "action": f"动作{i}", "seed": i} for i in range(n)]}
 
 
-def test_profiles_have_a_fitting_trigger_word():
-    assert TINY.trigger_word == "几何风"
-    assert KOLORS.trigger_word == "二次元风" and KOLORS.dataset.endswith("lowres_anime")
-
-
 def test_with_trigger_puts_the_word_first_once():
     assert trigger.with_trigger("一个红色的圆形", "几何风") == "几何风，一个红色的圆形"
     assert trigger.with_trigger("几何风，一个红色的圆形", ["几何风"]) == "几何风，一个红色的圆形"
@@ -47,7 +42,8 @@ def flow(tmp_path_factory):
     """The word set once (notebook 02's parameter) carried through a tiny data set, a short
     training run and a story bundle, as notebooks 02-04 call the package."""
     from kolors_course.data.recipe import Recipe
-    from kolors_course.data.build import Captions, build_training_set, read_training_set
+    from kolors_course.data.build import Captions, build_training_set
+    from kolors_course.data.training_set import read_training_set
     from kolors_course.lora.files import read_lora
     from kolors_course.lora.config import TrainConfig
     from kolors_course.lora.train import train_lora

@@ -44,3 +44,29 @@ class StepSummary:
         data = dict(self.items)
         (self.folder / "summary.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
         return data
+
+
+# --- the course's folder layout: the one place that spells it out ---------------------------
+#: each notebook's output folder under ``out_dir``
+STEP_FOLDERS = {"00": "00_setup", "01": "01_text_to_image", "02": "02_dataset", "03": "03_lora_training",
+                "04": "04_story"}
+
+
+def dataset_folder(out_dir) -> Path:
+    """Where notebook 02 builds the training set (notebook 03 reads it from there)."""
+    return project_path(out_dir) / STEP_FOLDERS["02"] / "dataset"
+
+
+def lora_run_folder(out_dir, run_name: str) -> Path:
+    """Notebook 03's run folder ``<out_dir>/03_lora_training/<run_name>``."""
+    return project_path(out_dir) / STEP_FOLDERS["03"] / run_name
+
+
+def lora_file(out_dir, run_name: str) -> Path:
+    """The LoRA notebook 03 exports (DiffSynth layout), which notebook 04 loads."""
+    return lora_run_folder(out_dir, run_name) / "lora.safetensors"
+
+
+def gallery_file(out_dir) -> Path:
+    """Notebook 04's gallery, which a class's index page links."""
+    return project_path(out_dir) / STEP_FOLDERS["04"] / "gallery.html"

@@ -49,7 +49,7 @@ def with_trigger(prompt: str, trigger) -> str:
 
 def recorded_trigger_word(dataset_dir: str | os.PathLike) -> str | None:
     """The trigger word a data set built by notebook 02 was captioned with (None: not recorded)."""
-    from kolors_course.data.build import MARKER
+    from kolors_course.data.training_set import MARKER
 
     folder = project_path(dataset_dir)
     marker = folder / MARKER

@@ -6,7 +6,6 @@ when complete.  The source images are only read, never changed.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -21,13 +20,7 @@ import kolors_course.data.sources as data_sources
 from kolors_course.core.progress import progress
 from kolors_course.data.recipe import FilterError, Recipe
 from kolors_course.core.paths import project_path, relative_to_root
-
-MARKER = "dataset.json"
-
-
-class DatasetError(RuntimeError):
-    """The data set cannot be built as asked; the message says what to change."""
-
+from kolors_course.data.training_set import MARKER, DatasetError, write_train
 
 @dataclass
 class Captions:
@@ -84,9 +77,7 @@ class BuildResult:
                          f"{inp['unlisted_images']} unlisted images ({inp['unlisted_decision']})")
         for stage, left in self.counts:
             lines.append(f"  after {stage:<26} {left:>5}")
-        by_stage: dict[str, int] = {}
-        for d in self.dropped:
-            by_stage[d["stage"]] = by_stage.get(d["stage"], 0) + 1
+        by_stage = data_clean.dropped_by_stage(self.dropped)
         if by_stage:
             lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in by_stage.items()))
         return "\n".join(lines)
@@ -181,7 +172,7 @@ def build_training_set(source: str, out: str | os.PathLike, recipe: Recipe | Non
         final = [by_id[i] for i in by_id if i in result["kept"]]
         if not final:
             raise DatasetError(_nothing_left("after the data-juicer filters", dropped, recipe))
-        _write_train(final, tmp / "train")
+        write_train(final, tmp / "train")
         n_in = inp["image_files"]
         res = BuildResult(out, n_in, len(final), counts, [asdict(d) for d in dropped])
         from kolors_course.data.report import write_report
@@ -255,9 +246,7 @@ def _reason(op: str, stats: dict, recipe: Recipe) -> str:
 
 
 def _nothing_left(where: str, dropped, recipe: Recipe | None = None) -> str:
-    by_stage: dict[str, int] = {}
-    for d in dropped:
-        by_stage[d.stage] = by_stage.get(d.stage, 0) + 1
+    by_stage = data_clean.dropped_by_stage(dropped)
     lines = [f"No image is left {where}: nothing was written, and any earlier training set is kept."]
     lines += [f"  {stage}: {n} removed (e.g. {next(d.reason for d in dropped if d.stage == stage)})"
               for stage, n in by_stage.items()]
@@ -265,18 +254,6 @@ def _nothing_left(where: str, dropped, recipe: Recipe | None = None) -> str:
         lines.append("Loosen the recipe (min_width/min_height, min_ratio/max_ratio, min_size) "
                      "or use bigger images.")
     return "\n".join(lines)
-
-
-def _write_train(items, train: Path) -> None:
-    """``train/00000.jpg ...`` and ``metadata.csv`` (file_name,text), the layout the trainer reads."""
-    train.mkdir(parents=True)
-    with (train / "metadata.csv").open("w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file_name", "text"])
-        for i, it in enumerate(items):
-            name = f"{i:05d}.jpg"
-            shutil.copyfile(it.file, train / name)
-            w.writerow([name, it.caption])
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -287,42 +264,3 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def read_training_set(folder: str | os.PathLike) -> list[tuple[Path, str]]:
-    """(image path, caption) pairs from a ``train/`` folder, checked."""
-    folder = project_path(folder)
-    train = folder / "train" if (folder / "train" / "metadata.csv").exists() else folder
-    meta = train / "metadata.csv"
-    if not meta.exists():
-        raise DatasetError(f"no metadata.csv in {train}: build the training set first "
-                           "(notebook 02_dataset)")
-    from kolors_course.core.paths import inside
-
-    rows = []
-    with meta.open(encoding="utf-8", newline="") as f:
-        for r in csv.DictReader(f):
-            p = inside(train, r["file_name"])
-            if not p.is_file():
-                raise DatasetError(f"{meta} lists {r['file_name']}, which is missing")
-            rows.append((p, r.get("text") or ""))
-    if not rows:
-        raise DatasetError(f"{meta} lists no images: the training set is empty")
-    return rows
-
-
-def save_captions(folder: str | os.PathLike, captions: dict[str, str]) -> Path:
-    """Replace captions in ``train/metadata.csv`` (atomically); keys are file names."""
-    rows = read_training_set(folder)
-    meta = rows[0][0].parent / "metadata.csv"
-    tmp = meta.with_suffix(".csv.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file_name", "text"])
-        for p, text in rows:
-            new = captions.get(p.name, text)
-            if not str(new).strip():
-                raise DatasetError(f"the caption for {p.name} would be empty")
-            w.writerow([p.name, " ".join(str(new).split())])
-    os.replace(tmp, meta)
-    return meta

@@ -39,6 +39,16 @@ class Dropped:
     reason: str
 
 
+def dropped_by_stage(dropped) -> dict[str, int]:
+    """How many images each stage dropped, in the order the stages first dropped one
+    (``Dropped`` objects or their dicts, as ``report.json`` stores them)."""
+    out: dict[str, int] = {}
+    for d in dropped:
+        stage = d["stage"] if isinstance(d, dict) else d.stage
+        out[stage] = out.get(stage, 0) + 1
+    return out
+
+
 _COLOUR_NAMES = {"红": (220, 40, 40), "蓝": (40, 80, 220), "绿": (40, 170, 70), "黄": (235, 200, 40),
                  "紫": (140, 60, 190), "橙": (240, 130, 30), "白": (245, 245, 245), "黑": (25, 25, 25),
                  "灰": (128, 128, 128), "棕": (120, 80, 40), "粉": (240, 160, 190)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kolors_course.data.clean import dropped_by_stage
+
 
 def write_report(folder: Path, items_before, items_after, dropped, counts, sources: dict,
                  inputs: dict | None = None) -> dict:
@@ -17,10 +19,8 @@ def write_report(folder: Path, items_before, items_after, dropped, counts, sourc
         "dropped": [{"id": d.id, "stage": d.stage, "reason": d.reason} for d in dropped],
         "kept": [{"id": it.id, "caption": it.caption, "size": [it.width, it.height],
                   "notes": it.notes} for it in items_after],
-        "dropped_by_stage": {},
+        "dropped_by_stage": dropped_by_stage(dropped),
     }
-    for d in dropped:
-        report["dropped_by_stage"][d.stage] = report["dropped_by_stage"].get(d.stage, 0) + 1
     (rep / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     plot_histograms(items_before, items_after, rep / "sizes.png")
     plot_preview(items_after, dropped, items_before, sources, rep / "preview.png")
@@ -109,7 +109,7 @@ def preview_training_set(folder, n: int = 8, save_to=None):
     """A grid of the first ``n`` training images, labelled with their file names."""
     from PIL import Image
 
-    from kolors_course.data.build import read_training_set
+    from kolors_course.data.training_set import read_training_set
     from kolors_course.core.images import show_grid
 
     items = []

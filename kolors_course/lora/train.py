@@ -50,7 +50,7 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     called after every step.  ``pipe``: a pipeline loaded already (its prompt pins
     are removed again at the end).
     """
-    from kolors_course.data.build import read_training_set
+    from kolors_course.data.training_set import read_training_set
     from kolors_course.models.loading import load_pipeline
 
     # 1. settings, data and the run folder: refused early, before any model loads
