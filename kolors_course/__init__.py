@@ -52,6 +52,8 @@ _EXPORTS = {
     "environment_report": "setup.envinfo", "print_environment_report": "setup.envinfo",
     "needs_restart": "setup.envinfo", "restart_kernel": "setup.envinfo",
     "progress": "core.progress", "is_headless": "core.progress",
+    "load_reference": "control.conditions", "extract_condition": "control.conditions",
+    "condition_grid": "control.conditions", "CONDITIONS": "control.conditions",
     "step_dir": "core.steps", "StepSummary": "core.steps", "dataset_folder": "core.steps",
     "lora_run_folder": "core.steps", "lora_file": "core.steps",
 }
