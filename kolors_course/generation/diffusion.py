@@ -1,0 +1,146 @@
+"""How diffusion works, shown on the real pipeline's parts (notebook 06).
+
+Each function opens one box of what ``kc.generate`` does in a single call, with the same
+models, scheduler and random numbers, so the pictures a learner sees are the model's own:
+
+- ``vae_round_trip``: pixels -> latents -> pixels (the VAE; Kolors denoises 1/8-size latents);
+- ``forward_process``: the training-time noising ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``
+  at several timesteps;
+- ``denoise_by_hand``: the sampling loop written out: at every step the UNet's two noise
+  predictions (with the prompt and with the negative prompt), classifier-free guidance
+  ``eps = eps_neg + cfg * (eps_pos - eps_neg)``, the DDIM update, and the clean image the
+  model predicts at that step ``x_0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``; its final
+  image equals ``kc.generate``'s for the same settings.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from kolors_course.models.pipeline import kit_pipeline
+
+
+def _to_tensor(pipe, image):
+    """An RGB PIL image as the VAE's input: 1x3xHxW in [-1, 1] on the pipeline's device."""
+    return pipe.diffsynth.preprocess_image(image.convert("RGB")).to(device=pipe.device, dtype=pipe.torch_dtype)
+
+
+@torch.no_grad()
+def encode(pipe, image) -> torch.Tensor:
+    """The latents of an image (1x4xH/8xW/8), as the UNet sees them (already scaled)."""
+    pipe = kit_pipeline(pipe)
+    pipe.models_to_device(["vae_encoder"])
+    return pipe.diffsynth.encode_image(_to_tensor(pipe, image))
+
+
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor):
+    """The picture of some latents."""
+    pipe = kit_pipeline(pipe)
+    pipe.models_to_device(["vae_decoder"])
+    return pipe.diffsynth.decode_image(latents.to(device=pipe.device, dtype=pipe.torch_dtype))
+
+
+def vae_round_trip(pipe, image):
+    """``(latents, decoded image, PSNR in dB)``: how much of the picture survives the VAE."""
+    import numpy as np
+
+    latents = encode(pipe, image)
+    back = decode(pipe, latents)
+    a = np.asarray(image.convert("RGB").resize(back.size), dtype=np.float64)
+    b = np.asarray(back, dtype=np.float64)
+    mse = float(((a - b) ** 2).mean())
+    return latents, back, (10 * math.log10(255 ** 2 / mse) if mse > 0 else float("inf"))
+
+
+def latent_channels(latents: torch.Tensor, size: int | None = None):
+    """Each of the 4 latent channels as a greyscale picture (min to max), for a grid."""
+    from PIL import Image
+
+    out = []
+    for c in latents[0].float().cpu():
+        span = float(c.max() - c.min()) or 1.0
+        arr = ((c - c.min()) / span * 255).round().to(torch.uint8).numpy()
+        im = Image.fromarray(arr, mode="L").convert("RGB")
+        out.append(im.resize((size, size), Image.NEAREST) if size else im)
+    return out
+
+
+@torch.no_grad()
+def forward_process(pipe, image, timesteps=None, seed: int = 0):
+    """``[(t, noisy latents, their picture)]``: the noise training adds at each timestep, from one
+    seeded noise draw (the same ``eps`` at every ``t``, so only the mix changes).  ``timesteps``:
+    default six from 0 to the schedule's last (1099 for Kolors, which trains on 1,100)."""
+    pipe = kit_pipeline(pipe)
+    if timesteps is None:
+        last = pipe.diffsynth.scheduler.num_train_timesteps - 1
+        timesteps = [round(last * i / 5) for i in range(6)]
+    x0 = encode(pipe, image)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device, x0.dtype)
+    out = []
+    for t in timesteps:
+        xt = pipe.diffsynth.scheduler.add_noise(x0, eps, torch.tensor([t]))
+        out.append((t, xt, decode(pipe, xt)))
+    return out
+
+
+def signal_fraction(pipe, t: int) -> float:
+    """``sqrt(a_t)``: how much of the clean latents is left at timestep ``t``."""
+    return math.sqrt(kit_pipeline(pipe).diffsynth.scheduler.alphas_cumprod[int(t)])
+
+
+@dataclass
+class DenoisingRecord:
+    """What ``denoise_by_hand`` saw at every step."""
+    timesteps: list = field(default_factory=list)
+    latents: list = field(default_factory=list)        # x_t entering each step
+    predicted_clean: list = field(default_factory=list)   # the model's x_0 at each step (latents)
+    image = None                                        # the final picture
+
+
+@torch.no_grad()
+def denoise_by_hand(pipe, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int | None = None,
+                    cfg_scale: float | None = None, height: int | None = None, width: int | None = None):
+    """The sampling loop of ``SDXLImagePipeline.__call__``, one visible step at a time."""
+    pipe = kit_pipeline(pipe)
+    prof, ds = pipe.profile, pipe.diffsynth
+    steps = steps or prof.steps
+    cfg_scale = prof.cfg_scale if cfg_scale is None else cfg_scale
+    height, width = height or prof.height, width or prof.width
+    ds.scheduler.set_timesteps(steps)
+    # 1. the starting noise: the same seeded draw the pipeline makes
+    latents = ds.generate_noise((1, 4, height // 8, width // 8), seed=seed, device=ds.device, dtype=ds.torch_dtype)
+    # 2. the two prompts as the UNet reads them (ChatGLM3 hidden states and a pooled vector)
+    pipe.models_to_device(["text_encoder_kolors"])
+    pos = ds.encode_prompt(prompt, positive=True)
+    neg = ds.encode_prompt(negative_prompt, positive=False)
+    add_time_id = ds.prepare_extra_input(latents)["add_time_id"]
+    pipe.models_to_device(["unet"])
+    rec = DenoisingRecord()
+    for t in ds.scheduler.timesteps:
+        t = t.unsqueeze(0).to(ds.device)
+        # 3. two noise predictions, then classifier-free guidance
+        eps_pos = ds.unet(latents, t, pos["encoder_hidden_states"], add_time_id=add_time_id,
+                          add_text_embeds=pos["add_text_embeds"])
+        if cfg_scale != 1.0:
+            eps_neg = ds.unet(latents, t, neg["encoder_hidden_states"], add_time_id=add_time_id,
+                              add_text_embeds=neg["add_text_embeds"])
+            eps = eps_neg + cfg_scale * (eps_pos - eps_neg)
+        else:
+            eps = eps_pos
+        # 4. what the model thinks the clean latents are, and the DDIM step towards them
+        a_t = ds.scheduler.alphas_cumprod[int(t.item())]
+        rec.timesteps.append(int(t.item()))
+        rec.latents.append(latents)
+        rec.predicted_clean.append((latents - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t))
+        latents = ds.scheduler.step(eps, t, latents)
+    rec.image = decode(pipe, latents)
+    return rec
+
+
+def predicted_clean_images(pipe, rec: DenoisingRecord, every: int = 1):
+    """``[(label, picture)]`` of the model's clean-image guess at every ``every``-th step."""
+    return [(f"t={t}", decode(pipe, x0)) for i, (t, x0) in enumerate(zip(rec.timesteps, rec.predicted_clean))
+            if i % every == 0 or i == len(rec.timesteps) - 1]
