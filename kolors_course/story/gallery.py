@@ -271,6 +271,11 @@ def write_bundle(dest_parent: Path, team: str, story, records: list, scores, lor
                                                        indent=2), encoding="utf-8")
     (tmp / "UPLOAD.md").write_text(upload_text(final, team, story, records, scores, lora_meta, settings,
                                                modelscope_user), encoding="utf-8")
+    # scene 1 as ComfyUI workflows (with and without a ControlNet), checked against the nodes'
+    # own definitions before they are written; hashed into the manifest with the rest
+    from kolors_course.comfyui.workflows import write_workflows
+
+    write_workflows(tmp, story, records, settings, settings["lora_scale"])
     env = environment_report(str(dest_parent))
     files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "manifest.json").write_text(json.dumps({
