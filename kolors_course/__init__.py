@@ -54,6 +54,8 @@ _EXPORTS = {
     "progress": "core.progress", "is_headless": "core.progress",
     "load_reference": "control.conditions", "extract_condition": "control.conditions",
     "condition_grid": "control.conditions", "CONDITIONS": "control.conditions",
+    "write_workflows": "comfyui.workflows", "scene_workflow": "comfyui.workflows",
+    "validate_workflow": "comfyui.validate",
     "step_dir": "core.steps", "StepSummary": "core.steps", "dataset_folder": "core.steps",
     "lora_run_folder": "core.steps", "lora_file": "core.steps",
 }

@@ -139,3 +139,15 @@ def test_a_course_run_leaves_nothing_beside_the_notebooks(course_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     strays = [p.name for p in (ROOT / "notebooks").iterdir() if p.suffix != ".ipynb"]
     assert not strays, strays
+
+
+@pytest.mark.notebook
+def test_course_run_exports_valid_comfyui_workflows_and_the_condition_grid(course_run):
+    from kolors_course.comfyui.validate import validate_workflow
+
+    _, out = course_run
+    step = out / "05_control_and_comfyui"
+    assert (step / "conditions.png").stat().st_size > 1000
+    for name in ("scene_01_api", "scene_01_controlnet_api", "scene_01", "scene_01_controlnet"):
+        workflow = json.loads((step / "comfyui" / f"{name}.json").read_text(encoding="utf-8"))
+        assert validate_workflow(workflow) == [], name

@@ -208,6 +208,9 @@ def condition_grid(reference, names=("canny", "colour", "depth", "pose", "softed
             made[name], why[name] = None, str(exc)
             items.append((f"{name}: not available here", Image.new("RGB", img.size, (200, 200, 200))))
     fig = show_grid(items, cols=len(items), title=title, save_to=save_to)
+    by_reason: dict[str, list[str]] = {}        # one line for conditions missing the same thing
     for name, reason in why.items():
-        print(f"{name}: {reason}")
+        by_reason.setdefault(reason.replace(f"the {name} condition", "these conditions"), []).append(name)
+    for reason, names in by_reason.items():
+        print(f"{', '.join(names)}: {reason if len(names) > 1 else why[names[0]]}")
     return fig, made, why
