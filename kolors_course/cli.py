@@ -109,6 +109,18 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_build_tiny(args) -> int:
+    """Train the tiny profile's UNet and VAE on the synthetic world (kolors_course.world.build)."""
+    from kolors_course.world.build import build_tiny
+
+    command = "kolors-course build-tiny " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
+    manifest = build_tiny(args.out, seed=args.seed, threads=args.threads, quick=args.quick,
+                          log_file=args.log_file, command=command)
+    print(f"wrote {len(manifest['files'])} files and manifest.json under {args.out} "
+          f"in {manifest['wall_seconds']:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kolors-course", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the kolors profile on this CPU with Kolors-sized random weights (make rehearsal)")
     h.add_argument("args", nargs=argparse.REMAINDER)
     h.set_defaults(func=None)      # main() hands its arguments to kolors_course.models.rehearsal
+    s = sub.add_parser("build-scorer", add_help=False,
+                       help="train the tiny profile's stand-in aesthetic scorer (a few minutes; see --help)")
+    s.set_defaults(func=None)      # main() hands its arguments to kolors_course.story.stand_in_scorer
 
     e = sub.add_parser("env", help="report the environment and whether a restart is needed")
     e.set_defaults(func=cmd_env)
@@ -149,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--profile", default="kolors", choices=["auto", "tiny", "kolors"])
     f.add_argument("--cache", default=None, help="model cache folder (default: the profile's)")
     f.set_defaults(func=cmd_fetch)
+
+    bt = sub.add_parser("build-tiny", help="train the tiny profile's UNet and VAE from scratch (about an hour)")
+    bt.add_argument("--out", required=True, help="output folder (the shipped one: kolors_course/world/weights)")
+    bt.add_argument("--quick", action="store_true", help="a few steps only: checks the path, not for use")
+    bt.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    bt.add_argument("--seed", type=int, default=0)
+    bt.add_argument("--log-file", default=None, help="also write the training log here")
+    bt.set_defaults(func=cmd_build_tiny)
     return p
 
 
@@ -158,6 +181,10 @@ def main(argv=None) -> int:
         from kolors_course.models.rehearsal import main as rehearsal_main
 
         return rehearsal_main(argv[1:])
+    if argv[:1] == ["build-scorer"]:  # its own options (--out, --seed, --steps, --threads)
+        from kolors_course.story.stand_in_scorer import main as scorer_main
+
+        return scorer_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

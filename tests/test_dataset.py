@@ -487,3 +487,21 @@ def test_an_out_folder_inside_the_source_is_not_read_back_as_images(tmp_path):
     build_training_set(str(src), src / "built", recipe=r)
     again = build_training_set(str(src), src / "built", recipe=r)    # built/train/*.jpg now lie in src
     assert again.n_in == 2 and again.report["input"]["unlisted_images"] == 0
+
+
+def test_the_synthetic_set_is_the_tiny_world_in_the_look_only_the_lora_sees(tmp_path):
+    """Notebook 02's tiny data set: world pictures in pastel (马卡龙色), never in the base palette,
+    with the world's captions (the trigger word is added by the caption settings)."""
+    import numpy as np
+
+    from kolors_course.world.scenes import COLOURS, pastel, vocabulary
+
+    src = data_sources.make_synthetic_source(tmp_path / "s", n=10, base=128)
+    pastels = np.array([pastel(c) for c in COLOURS.values()], float)
+    base = np.array(list(COLOURS.values()), float)
+    for p in sorted(src.glob("img_*.jpg")):
+        with Image.open(p) as im:
+            corner = np.asarray(im.convert("RGB"), float)[2:8, 2:8].reshape(-1, 3).mean(0)
+        assert np.abs(pastels - corner).sum(1).min() < np.abs(base - corner).sum(1).min(), p.name
+        text = p.with_suffix(".txt").read_text(encoding="utf-8")
+        assert any(w in text for w in vocabulary()), text

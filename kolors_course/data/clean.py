@@ -49,9 +49,14 @@ def dropped_by_stage(dropped) -> dict[str, int]:
     return out
 
 
-_COLOUR_NAMES = {"红": (220, 40, 40), "蓝": (40, 80, 220), "绿": (40, 170, 70), "黄": (235, 200, 40),
-                 "紫": (140, 60, 190), "橙": (240, 130, 30), "白": (245, 245, 245), "黑": (25, 25, 25),
-                 "灰": (128, 128, 128), "棕": (120, 80, 40), "粉": (240, 160, 190)}
+#: colours a photo's tone may have beyond the tiny world's eight (kolors_course.world.scenes.COLOURS)
+_PHOTO_TONES = {"灰色": (128, 128, 128), "棕色": (120, 80, 40), "粉色": (240, 160, 190)}
+
+
+def _tone_names() -> dict:
+    from kolors_course.world.scenes import COLOURS
+
+    return {**COLOURS, **_PHOTO_TONES}
 
 
 def image_facts(img) -> dict:
@@ -64,8 +69,9 @@ def image_facts(img) -> dict:
 
     # mean colour from the raw RGB bytes (Image.getdata is deprecated in Pillow 12)
     r, g, b = np.frombuffer(small.tobytes(), dtype=np.uint8).reshape(-1, 3).mean(axis=0).tolist()
-    colour = min(_COLOUR_NAMES, key=lambda k: sum((a - c) ** 2 for a, c in zip(_COLOUR_NAMES[k], (r, g, b))))
-    return {"orientation": orientation, "color": f"{colour}色调"}
+    names = _tone_names()
+    colour = min(names, key=lambda k: sum((a - c) ** 2 for a, c in zip(names[k], (r, g, b))))
+    return {"orientation": orientation, "color": f"{colour[:-1]}色调"}     # 红色 -> 红色调
 
 
 def to_rgb(img):

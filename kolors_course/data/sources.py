@@ -242,43 +242,34 @@ def download_modelscope(dataset_id: str, dest: Path, subset: str = "default", sp
 
 
 # --- synthetic ---------------------------------------------------------------------
-_COLOURS = {"红色": (220, 40, 40), "蓝色": (40, 80, 220), "绿色": (40, 170, 70), "黄色": (235, 200, 40),
-            "紫色": (140, 60, 190), "橙色": (240, 130, 30), "白色": (245, 245, 245), "黑色": (25, 25, 25)}
-_SHAPES = ["圆形", "方块", "三角形", "星星"]
+def _draw(size, seed, lora_style: bool = True):
+    """A picture of the tiny world (``kolors_course.world``) at ``size`` (w, h) and its caption.
 
+    The scene is drawn square at the shorter side and centred on its background colour, so a
+    centre crop (what LoRA training takes) gives the world's own picture back.  By default in
+    the LoRA lesson's look (pastel, "马卡龙色"), which the tiny base model never saw, with one of
+    the world's varied captions (no trigger word: the caption settings add it).
+    """
+    from PIL import Image
 
-def _draw(size, seed):
-    """A picture of a coloured shape on a coloured, lightly textured background."""
-    from PIL import Image, ImageDraw
+    from kolors_course.world.scenes import caption, random_scene, render, scene_colours
 
-    rng = random.Random(seed)
-    names = list(_COLOURS)
-    fg, bg = rng.sample(names, 2)
-    shape = rng.choice(_SHAPES)
+    rng = random.Random(f"synthetic:{seed}")
+    scene = random_scene(rng)
     w, h = size
-    img = Image.new("RGB", size, _COLOURS[bg])
-    d = ImageDraw.Draw(img)
-    for _ in range(max(4, w * h // 200)):   # texture, so files are not trivially small
-        x, y = rng.randrange(w), rng.randrange(h)
-        c = tuple(max(0, min(255, v + rng.randint(-40, 40))) for v in _COLOURS[bg])
-        d.point((x, y), fill=c)
-    cx, cy, r = w // 2 + rng.randint(-w // 8, w // 8), h // 2 + rng.randint(-h // 8, h // 8), min(w, h) // 3
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "圆形":
-        d.ellipse(box, fill=_COLOURS[fg])
-    elif shape == "方块":
-        d.rectangle(box, fill=_COLOURS[fg])
-    elif shape == "三角形":
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=_COLOURS[fg])
-    else:
-        pts = []
-        import math
-        for k in range(10):
-            rr = r if k % 2 == 0 else r // 2
-            a = math.pi / 2 + k * math.pi / 5
-            pts.append((cx + rr * math.cos(a), cy - rr * math.sin(a)))
-        d.polygon(pts, fill=_COLOURS[fg])
-    return img, f"一个{fg}的{shape}，{bg}背景"
+    side = min(w, h)
+    square = render(scene, size=side, seed=seed, lora_style=lora_style)
+    _, bg = scene_colours(scene, lora_style=lora_style)
+    img = Image.new("RGB", (w, h), tuple(bg))
+    img.paste(square, ((w - side) // 2, (h - side) // 2))
+    # a faint grain, as photos have: flat colours alone compress below the recipe's 1 KB
+    # minimum, which is meant for nearly blank pictures
+    import numpy as np
+
+    grain = np.random.default_rng(seed).normal(0, 4, (h, w, 1))
+    img = Image.fromarray(np.clip(np.asarray(img, np.float32) + grain, 0, 255).astype(np.uint8))
+    text = caption(scene, rng)
+    return img, text or caption(scene, random.Random(f"synthetic-again:{seed}")) or "一张图"
 
 
 def make_synthetic_source(dest: str | os.PathLike, n: int = 24, seed: int = 0, base: int = 64) -> Path:

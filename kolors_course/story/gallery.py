@@ -104,8 +104,9 @@ def write_gallery(records: list, story, scores, lora_info: dict, path: Path, pro
     n_images = len(records) + (len(base_records) if pairs else 0)
     lora_rows = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in lora_info.items())
     note = "" if scores.meaningful else (
-        "<p class='warn'>Tiny profile: random-weight models and an untrained scorer; the pictures and "
-        "scores only show that every step ran.</p>")
+        "<p class='warn'>Tiny profile: small models trained on a toy world of coloured shapes, and a "
+        "stand-in scorer trained on that world to tell clean pictures from damaged ones; the real model "
+        "and the LAION predictor run on the kolors profile.</p>")
     layout = ("base model (left) and with the LoRA (right), same seeds"
               if pairs else "one image per scene")
     page = f"""<!DOCTYPE html>
@@ -226,7 +227,7 @@ def upload_text(bundle: Path, team: str, story, records: list, scores, lora_meta
              f"cfg_scale {settings['cfg_scale']}, LoRA scale {settings['lora_scale']}",
              f"负面提示词 (negative prompt): {story.negative}",
              f"美学评分 (aesthetic score): {scores.mean:.3f} ({verdict} the bar of {scores.threshold:g})"
-             + ("" if scores.meaningful else " [tiny profile: meaningless]"),
+             + ("" if scores.meaningful else " [tiny profile: stand-in scorer]"),
              "", "8 张图的提示词 (the 8 prompts):"]
     lines += [f"{r['index']}. (seed {r['seed']}) {r['prompt']}" for r in records]
     lines += ["```", "",
@@ -304,7 +305,7 @@ def model_card(team: str, story, meta: dict, settings: dict, scores) -> str:
              f"{settings['steps']} steps, cfg_scale {settings['cfg_scale']}; seeds and prompts in prompts.json",
              f"- prompt of scene 1: {story.prompt(0)}",
              f"- mean aesthetic score: {scores.mean:.3f} ({'meets' if scores.valid else 'below'} the bar of "
-             f"{scores.threshold:g})" + ("" if scores.meaningful else " (tiny profile: meaningless)"),
+             f"{scores.threshold:g})" + ("" if scores.meaningful else " (tiny profile: stand-in scorer)"),
              "", "## Files", "",
              "- `lora.safetensors`: DiffSynth layout (`ModelManager.load_lora(path, lora_alpha=scale*alpha/rank)`)",
              "- `lora_kohya.safetensors`: kohya/SDXL layout for ComfyUI (`LoraLoaderModelOnly` after the Kolors-MZ "

@@ -5,18 +5,17 @@ is invalid; the organisers may move that bar, so it is a parameter
 (``AestheticScorer(profile, threshold=...)``, ``Scores.with_threshold``).
 
 kolors profile: the real predictor from ModelScope (about 1.2 GB).
-tiny profile: the same classes with a tiny, deterministic, untrained
-configuration, so the code path is the same; its numbers mean nothing.
+tiny profile: the same classes at a tiny size, trained by the kit on the tiny world to rate
+clean pictures about 7 and damaged ones (blurred, noisy, burnt, wrong colours) 3 to 5
+(``stand_in_scorer``); a stand-in: it tells a clean tiny picture from a damaged one, nothing more.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kolors_course.core.state import torch_global_seed
 
 SCORER_ID = "AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
 VALIDITY_THRESHOLD = 6.0      # the challenge's bar by default; the organisers may change it
@@ -46,8 +45,9 @@ class Scores:
         verdict = ("meets" if self.valid else "is below") + f" the challenge's bar of {self.threshold}"
         head = f"mean aesthetic score {self.mean:.3f}: {verdict}"
         if not self.meaningful:
-            head += ("\n(tiny profile: an untrained stand-in scorer with the real predictor's classes; "
-                     "these numbers mean nothing about the pictures)")
+            head += ("\n(tiny profile: a stand-in with the real predictor's classes, trained on the tiny world "
+                     "to rate clean pictures above blurred, noisy, burnt or off-colour ones; "
+                     "it says whether a tiny picture is clean, nothing about real pictures)")
         return head + "\n" + "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -55,31 +55,11 @@ class Scores:
                 "valid": self.valid, "meaningful": self.meaningful}
 
 
-def build_tiny_scorer(folder: Path) -> Path:
-    """A tiny AestheticsPredictorV2Linear + CLIP image processor, written once (safetensors)."""
-    marker = folder / "config.json"
-    if marker.exists():
-        return folder
-    from aesthetics_predictor import AestheticsPredictorV2Linear
-    from transformers import CLIPImageProcessor
-    from transformers.models.clip.configuration_clip import CLIPVisionConfig
-
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=64, patch_size=16, projection_dim=32)
-    with torch_global_seed(6):      # its initial weights: the same file everywhere, the learner's RNG untouched
-        model = AestheticsPredictorV2Linear(cfg).eval()
-    with torch.no_grad():    # centre the untrained head near the challenge's range
-        model.layers[-1].bias.fill_(5.5)
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(str(tmp))
-    os.replace(tmp, folder)
-    return folder
-
-
 def scorer_folder(profile) -> Path:
     if profile.scorer == "tiny":
-        return build_tiny_scorer(profile.cache_path / "aesthetics-predictor-tiny")
+        from kolors_course.story.stand_in_scorer import check_shipped
+
+        return check_shipped()
     folder = profile.cache_path / SCORER_ID
     if not (folder / "config.json").exists():
         from kolors_course.core.hub import hub_unreachable
