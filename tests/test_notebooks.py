@@ -58,7 +58,7 @@ def test_course_runs_headless_with_the_cli(course_run):
         assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
         assert (out / nb.stem / "summary.json").exists()
     assert (out / "00_setup" / "first_image.png").exists()
-    for grid in ("anatomy", "negative", "seeds", "cfg_scale"):
+    for grid in ("anatomy", "negative", "seeds", "cfg_scale", "steps"):
         assert (out / "01_text_to_image" / f"{grid}.png").exists()
 
 

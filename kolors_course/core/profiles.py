@@ -68,6 +68,15 @@ class Profile:
     precision: str = "fp32"
     validations: int = 0                  # validation-image rounds during training, besides the last step
     base_model: str = "Kwai-Kolors/Kolors"  # what a LoRA file records as the model it was trained on
+    # -- the lessons' examples: words this profile's model knows -------------------------
+    #: notebook 01's prompt, built up part by part (subject, details, modifiers, style, artist)
+    prompt_parts: dict = field(default_factory=lambda: dict(
+        subject="一只在草地上奔跑的狗", details="棕色的毛，阳光明媚", modifiers="可爱，欢快，翠绿的草地",
+        style="水彩画", artist="梵高"))
+    #: notebook 01's negative-prompt lesson: a prompt (None: the anatomy prompt) and a negative
+    #: prompt (None: the course's shared one, kc.DEFAULT_NEGATIVE)
+    negative_lesson: dict = field(default_factory=lambda: {"prompt": None, "negative": None})
+    story: str = "ink_fox"                # notebooks 04 and 05's story (assets/stories/<name>.yaml)
     # -- scoring ----------------------------------------------------------------
     scorer: str = "tiny"                  # "tiny" or the ModelScope id of the real predictor
     extra: dict = field(default_factory=dict)
@@ -110,6 +119,13 @@ TINY = Profile(
     model_source="tiny",
     cache_dir="cache/tiny",
     show_size=256,
+    # the tiny world's words (kolors_course.world): shape, colours, size and place, rendering
+    # style, and an invented painter whose palette is warm
+    prompt_parts=dict(subject="一个星形", details="红色的，蓝色背景", modifiers="大的，在左边",
+                      style="条纹", artist="林一舟"),
+    # no colour asked for the shape, and red forbidden: across seeds, no red shape is left
+    negative_lesson={"prompt": "一个圆形，蓝色背景", "negative": "红色"},
+    story="little_star",
     validations=3,
     base_model="kolors-course/tiny-kolors",
 )

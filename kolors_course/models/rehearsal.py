@@ -329,7 +329,8 @@ def write_weights(cache: str | os.PathLike | None = None, sizes: str = "kolors",
 # --- the rehearsal ---------------------------------------------------------------------------------
 #: notebook parameters that shorten the sweeps and the training set for a CPU (the code path is
 #: the same): every caption costs one pass of the 6-billion-parameter text encoder
-NOTEBOOK_PARAMETERS = {"seeds": [0, 1], "cfg_values": [1.0, 4.0], "strength_values": [0.0, 1.0], "limit": 4}
+NOTEBOOK_PARAMETERS = {"seeds": [0, 1], "cfg_values": [1.0, 4.0], "step_values": [1, 2], "strength_values": [0.0, 1.0],
+                       "limit": 4}
 
 
 def peak_rss_gb() -> float:
