@@ -1,5 +1,12 @@
 """Tiny, deterministic models of the Kolors architecture, for CPU runs.
 
+The UNet and VAE can be trained (``kolors_course.world.build``, ``kolors-course build-tiny``) on
+a small synthetic world of coloured shapes with Chinese captions; ``install_trained_models``
+puts such a build into a cache after checking it against its manifest's SHA-256.  The tiny
+profile itself still uses seeded random weights (``build_tiny_models``) until a build that meets
+the lessons' targets ships in ``kolors_course/world/weights/``.  The 2-layer ChatGLM text
+encoder stays random (and frozen during training): it is rebuilt from its seed, bit for bit.
+
 The files are written once, in the same on-disk layout and format as the real
 weights on ModelScope (diffusers-format UNet and VAE, a Hugging Face folder for
 the ChatGLM text encoder), so that ``models.load_pipeline`` reads both profiles
@@ -23,14 +30,20 @@ import torch
 
 # --- tiny sizes -------------------------------------------------------------
 CH = (32, 64, 64)          # UNet channels per level (SDXL: 320, 640, 1280)
+IMAGE_SIZE = 128            # the side the tiny models are trained at: 16x16x4 latents, enough for shapes
 HEADS, HEAD_DIM = 4, 16     # attention heads per block (SDXL: 10/20 heads of 64)
 TEXT_DIM = 64               # ChatGLM hidden size (Kolors: 4096)
 CROSS_DIM = 32              # UNet cross-attention width (Kolors: 2048)
 ADD_TIME_DIM = 8            # size-conditioning embedding (SDXL: 256)
 VAE_CH = (32, 32, 64, 64)   # VAE channels per level (SDXL: 128, 256, 512, 512)
+#: GroupNorm groups (SDXL: 32 groups of 10-40 channels).  With 32 groups of the tiny widths every
+#: group would be a single channel: an instance norm, which throws away each feature map's mean,
+#: i.e. the absolute colour of flat regions; 8 groups keep 4-8 channels a group.
+NORM_GROUPS = 8
 VOCAB = 65024               # the real tokenizer's padded vocabulary
 SEED = 20240801
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # a cache of trained weights (install_trained_models), 128 px
+RANDOM_FORMAT_VERSION = 1   # a cache of the seeded random weights (build_tiny_models)
 
 UNET_REL = Path("Kwai-Kolors/Kolors/unet/diffusion_pytorch_model.safetensors")
 TEXT_ENCODER_REL = Path("Kwai-Kolors/Kolors/text_encoder")
@@ -40,7 +53,8 @@ VAE_REL = Path("AI-ModelScope/sdxl-vae-fp16-fix/diffusion_pytorch_model.safetens
 # --- DiffSynth classes of tiny size --------------------------------------------
 def _unet_classes():
     from diffsynth.models.sd_unet import (AttentionBlock, DownSampler, PopBlock, PushBlock,
-                                          ResnetBlock, Timesteps, UpSampler)
+                                          Timesteps, UpSampler)
+    from diffsynth.models.sd_unet import ResnetBlock as _Res
     from diffsynth.models.sdxl_unet import SDXLUNet
 
     class TinyKolorsUNet(SDXLUNet):
@@ -52,7 +66,10 @@ def _unet_classes():
             temb = c0 * 4
 
             def attn(ch):
-                return AttentionBlock(HEADS, ch // HEADS, ch, 1, CROSS_DIM)
+                return AttentionBlock(HEADS, ch // HEADS, ch, 1, CROSS_DIM, norm_num_groups=NORM_GROUPS)
+
+            def ResnetBlock(i, o, t=None, eps=1e-5):      # noqa: N802 - DiffSynth's block, our group count
+                return _Res(i, o, t, groups=NORM_GROUPS, eps=eps)
 
             self.time_proj = Timesteps(c0)
             self.time_embedding = torch.nn.Sequential(
@@ -83,7 +100,7 @@ def _unet_classes():
                 PopBlock(), ResnetBlock(c0 + c0, c0, temb),
                 PopBlock(), ResnetBlock(c0 + c0, c0, temb),
             ])
-            self.conv_norm_out = torch.nn.GroupNorm(num_channels=c0, num_groups=32, eps=1e-5)
+            self.conv_norm_out = torch.nn.GroupNorm(num_channels=c0, num_groups=NORM_GROUPS, eps=1e-5)
             self.conv_act = torch.nn.SiLU()
             self.conv_out = torch.nn.Conv2d(c0, 4, kernel_size=3, padding=1)
             self.is_kolors = True
@@ -92,8 +109,15 @@ def _unet_classes():
 
 
 def _vae_classes():
-    from diffsynth.models.sd_unet import DownSampler, ResnetBlock, UpSampler
-    from diffsynth.models.sd_vae_decoder import VAEAttentionBlock
+    from diffsynth.models.sd_unet import DownSampler, UpSampler
+    from diffsynth.models.sd_unet import ResnetBlock as _Res
+    from diffsynth.models.sd_vae_decoder import VAEAttentionBlock as _Attn
+
+    def ResnetBlock(i, o, eps=1e-6):                     # noqa: N802 - DiffSynth's block, our group count
+        return _Res(i, o, None, groups=NORM_GROUPS, eps=eps)
+
+    def VAEAttentionBlock(heads, dim, ch, layers, eps=1e-6):  # noqa: N802
+        return _Attn(heads, dim, ch, layers, norm_num_groups=NORM_GROUPS, eps=eps)
     from diffsynth.models.sdxl_vae_decoder import SDXLVAEDecoder
     from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
 
@@ -116,7 +140,7 @@ def _vae_classes():
                 ResnetBlock(d, d, eps=1e-6), VAEAttentionBlock(1, d, d, 1, eps=1e-6),
                 ResnetBlock(d, d, eps=1e-6),
             ])
-            self.conv_norm_out = torch.nn.GroupNorm(num_channels=d, num_groups=32, eps=1e-6)
+            self.conv_norm_out = torch.nn.GroupNorm(num_channels=d, num_groups=NORM_GROUPS, eps=1e-6)
             self.conv_act = torch.nn.SiLU()
             self.conv_out = torch.nn.Conv2d(d, 8, kernel_size=3, padding=1)
 
@@ -138,7 +162,7 @@ def _vae_classes():
                 ResnetBlock(b, a, eps=1e-6), ResnetBlock(a, a, eps=1e-6),
                 ResnetBlock(a, a, eps=1e-6),
             ])
-            self.conv_norm_out = torch.nn.GroupNorm(num_channels=a, num_groups=32, eps=1e-5)
+            self.conv_norm_out = torch.nn.GroupNorm(num_channels=a, num_groups=NORM_GROUPS, eps=1e-5)
             self.conv_act = torch.nn.SiLU()
             self.conv_out = torch.nn.Conv2d(a, 3, kernel_size=3, padding=1)
 
@@ -156,7 +180,7 @@ def diffsynth_classes() -> dict:
 def unet_diffusers_config() -> dict:
     """The Kolors UNet config (SDXL layout + ChatGLM text projection), shrunk."""
     return dict(
-        sample_size=8, in_channels=4, out_channels=4,
+        sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=CH, layers_per_block=2, transformer_layers_per_block=1,
@@ -164,7 +188,7 @@ def unet_diffusers_config() -> dict:
         cross_attention_dim=CROSS_DIM, encoder_hid_dim=TEXT_DIM, encoder_hid_dim_type="text_proj",
         addition_embed_type="text_time", addition_time_embed_dim=ADD_TIME_DIM,
         projection_class_embeddings_input_dim=TEXT_DIM + 6 * ADD_TIME_DIM,
-        norm_num_groups=32,
+        norm_num_groups=NORM_GROUPS,
     )
 
 
@@ -172,7 +196,7 @@ def vae_diffusers_config() -> dict:
     return dict(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=VAE_CH, norm_num_groups=32, sample_size=64, scaling_factor=0.13025,
+        block_out_channels=VAE_CH, norm_num_groups=NORM_GROUPS, sample_size=IMAGE_SIZE, scaling_factor=0.13025,
     )
 
 
@@ -220,11 +244,194 @@ def _save_safetensors(state: dict, path: Path, metadata: dict | None = None) -> 
     save_file(state, str(path), metadata=metadata or {"format": "pt"})
 
 
-def build_tiny_models(cache_dir: str | os.PathLike, force: bool = False) -> Path:
-    """Write the tiny model files under ``cache_dir`` (once) and return that folder.
+def text_encoder_module():
+    """The tiny ChatGLM text encoder, its weights drawn from its seed (never trained)."""
+    from diffsynth.models.kolors_text_encoder import ChatGLMConfig, ChatGLMModel
 
-    The folder is built beside the target and renamed into place, so an
-    interrupted build never leaves half a model behind.
+    cfg = text_encoder_config()
+    te_cfg = ChatGLMConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+    model = ChatGLMModel(te_cfg)
+    model.load_state_dict(_seeded_state(model, SEED + 2))
+    return model.eval()
+
+
+def write_text_encoder(root: Path) -> Path:
+    """The text encoder folder (Hugging Face layout) under ``root``."""
+    from diffsynth.models.kolors_text_encoder import ChatGLMConfig, ChatGLMModel
+
+    cfg = text_encoder_config()
+    te_cfg = ChatGLMConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+    te_state = _seeded_state(ChatGLMModel(te_cfg), SEED + 2)
+    te_dir = Path(root) / TEXT_ENCODER_REL
+    _save_safetensors(te_state, te_dir / "model.safetensors")
+    (te_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return te_dir
+
+
+# --- DiffSynth state dicts <-> the diffusers files --------------------------------------
+def _diffusers_model(kind: str):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    return UNet2DConditionModel(**unet_diffusers_config()) if kind == "unet" else AutoencoderKL(**vae_diffusers_config())
+
+
+def _name_map(kind: str, part: str) -> dict:
+    """DiffSynth parameter name -> diffusers name, found by running DiffSynth's own
+    ``from_diffusers`` converter on tensors that carry their index as their value (the
+    converter renames and reshapes, so each converted tensor says where it came from)."""
+    classes = diffsynth_classes()
+    ref = _diffusers_model(kind).state_dict()
+    names = sorted(ref)
+    tagged = {n: torch.full(ref[n].shape, float(i), dtype=torch.float64) for i, n in enumerate(names)}
+    converted = classes[part].state_dict_converter().from_diffusers(tagged)
+    if isinstance(converted, tuple):
+        converted = converted[0]
+    out = {}
+    for k, t in converted.items():
+        i = int(t.flatten()[0])
+        if not torch.all(t == i) or t.numel() != ref[names[i]].numel():
+            raise RuntimeError(f"DiffSynth's converter mixes tensors for {k}; cannot invert it")
+        out[k] = names[i]
+    return out
+
+
+def diffusers_state(kind: str, parts: dict) -> dict:
+    """The diffusers-format state dict for DiffSynth modules.
+
+    ``kind`` "unet" with ``parts={"sdxl_unet": state}``, or "vae" with
+    ``parts={"sdxl_vae_encoder": state, "sdxl_vae_decoder": state}``.
+    """
+    ref = _diffusers_model(kind).state_dict()
+    out = {}
+    for part, state in parts.items():
+        mapping = _name_map(kind, part)
+        for k, v in state.items():
+            if k not in mapping:
+                continue                    # buffers DiffSynth computes itself
+            name = mapping[k]
+            out[name] = v.detach().to(torch.float32).reshape(ref[name].shape).contiguous()
+    missing = sorted(set(ref) - set(out))
+    if missing:
+        raise RuntimeError(f"no DiffSynth weight for {len(missing)} diffusers names, e.g. {missing[:3]}")
+    return out
+
+
+def write_unet(state: dict, root: Path, dtype=torch.float32) -> Path:
+    """The DiffSynth UNet ``state`` as the real layout's diffusers file plus config.json."""
+    path = Path(root) / UNET_REL
+    sd = {k: v.to(dtype) for k, v in diffusers_state("unet", {"sdxl_unet": state}).items()}
+    _save_safetensors(sd, path)
+    cfg = dict(_diffusers_model("unet").config)
+    path.with_name("config.json").write_text(json.dumps(_jsonable(cfg), indent=2))
+    return path
+
+
+def write_vae(encoder_state: dict, decoder_state: dict, root: Path, dtype=torch.float32) -> Path:
+    path = Path(root) / VAE_REL
+    sd = diffusers_state("vae", {"sdxl_vae_encoder": encoder_state, "sdxl_vae_decoder": decoder_state})
+    _save_safetensors({k: v.to(dtype) for k, v in sd.items()}, path)
+    cfg = dict(_diffusers_model("vae").config)
+    path.with_name("config.json").write_text(json.dumps(_jsonable(cfg), indent=2))
+    return path
+
+
+def load_diffsynth_state(kind: str, path: Path) -> dict:
+    """A diffusers file back into DiffSynth modules' state dicts (as ``load_pipeline`` reads it)."""
+    from safetensors.torch import load_file
+
+    sd = {k: v.float() for k, v in load_file(str(path)).items()}
+    classes = diffsynth_classes()
+    parts = ["sdxl_unet"] if kind == "unet" else ["sdxl_vae_encoder", "sdxl_vae_decoder"]
+    out = {}
+    for part in parts:
+        conv = classes[part].state_dict_converter().from_diffusers(sd)
+        out[part] = conv[0] if isinstance(conv, tuple) else conv
+    return out
+
+
+# --- the profile's cache -----------------------------------------------------------------
+class ShippedWeightsError(RuntimeError):
+    """The trained weights that ship with the kit are missing or do not match their manifest."""
+
+
+def shipped_weights_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "world" / "weights"
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_shipped(weights: Path | None = None) -> dict:
+    """The shipped manifest, after checking every file it lists against its SHA-256."""
+    weights = Path(weights or shipped_weights_dir())
+    manifest_path = weights / "manifest.json"
+    if not manifest_path.is_file():
+        raise ShippedWeightsError(
+            f"the tiny profile's trained weights are missing: no {manifest_path}. Reinstall the kit, "
+            "or rebuild them with `kolors-course build-tiny --out kolors_course/world/weights` (about an hour on a CPU).")
+    manifest = json.loads(manifest_path.read_text())
+    for rel, info in manifest["files"].items():
+        p = weights / rel
+        if not p.is_file():
+            raise ShippedWeightsError(f"shipped weight file missing: {p} (listed in {manifest_path})")
+        got = sha256(p)
+        if got != info["sha256"]:
+            raise ShippedWeightsError(
+                f"{p} does not match its manifest: SHA-256 {got[:16]}..., expected {info['sha256'][:16]}.... "
+                "The file is damaged or was replaced; reinstall the kit or rebuild the weights with "
+                "`kolors-course build-tiny`.")
+    return manifest
+
+
+def build_tiny_models(cache_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Write the tiny profile's model files under ``cache_dir`` (once) and return that folder.
+
+    Until trained weights ship with the kit (``kolors_course/world/weights/``, made by
+    ``kolors-course build-tiny``), the tiny profile's UNet and VAE are drawn from a fixed seed:
+    the same bytes on every machine, pictures without meaning.  The folder is built beside the
+    target and renamed into place, so an interrupted build never leaves half a model behind.
+    """
+    cache_dir = Path(cache_dir)
+    marker = cache_dir / "tiny_models.json"
+    if marker.exists() and not force:
+        info = json.loads(marker.read_text())
+        if info.get("format_version") == RANDOM_FORMAT_VERSION:
+            return cache_dir
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=cache_dir.parent))
+    try:
+        for kind, rel, seed in (("unet", UNET_REL, SEED), ("vae", VAE_REL, SEED + 1)):
+            model = _diffusers_model(kind)
+            _save_safetensors(_seeded_state(model, seed), tmp / rel)
+            (tmp / rel).with_name("config.json").write_text(json.dumps(_jsonable(dict(model.config)), indent=2))
+        write_text_encoder(tmp)
+        (tmp / "tiny_models.json").write_text(json.dumps({
+            "format_version": RANDOM_FORMAT_VERSION, "seed": SEED,
+            "note": "tiny random-weight models of the Kolors architecture, built by kolors_course",
+        }, indent=2))
+        if cache_dir.exists():
+            shutil.rmtree(cache_dir)
+        os.replace(tmp, cache_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache_dir
+
+
+def install_trained_models(cache_dir: str | os.PathLike, weights: Path, force: bool = False) -> Path:
+    """Put trained tiny model files (a ``build_tiny`` output folder, ``weights``) under ``cache_dir``.
+
+    The trained UNet and VAE (with their config.json) are copied after their SHA-256 is checked
+    against the folder's manifest; the text encoder is rebuilt from its seed.  The
+    folder is built beside the target and renamed into place, so an interrupted build never
+    leaves half a model behind.
     """
     cache_dir = Path(cache_dir)
     marker = cache_dir / "tiny_models.json"
@@ -232,33 +439,22 @@ def build_tiny_models(cache_dir: str | os.PathLike, force: bool = False) -> Path
         info = json.loads(marker.read_text())
         if info.get("format_version") == FORMAT_VERSION:
             return cache_dir
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffsynth.models.kolors_text_encoder import ChatGLMConfig, ChatGLMModel
-
+    weights = Path(weights)
+    manifest = check_shipped(weights)
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=cache_dir.parent))
     try:
-        unet = UNet2DConditionModel(**unet_diffusers_config())
-        vae = AutoencoderKL(**vae_diffusers_config())
-        unet_cfg = dict(unet.config)
-        vae_cfg = dict(vae.config)
-        unet_state = _seeded_state(unet, SEED)
-        vae_state = _seeded_state(vae, SEED + 1)
-        _save_safetensors(unet_state, tmp / UNET_REL)
-        (tmp / UNET_REL).with_name("config.json").write_text(json.dumps(_jsonable(unet_cfg), indent=2))
-        _save_safetensors(vae_state, tmp / VAE_REL)
-        (tmp / VAE_REL).with_name("config.json").write_text(json.dumps(_jsonable(vae_cfg), indent=2))
-
-        cfg = text_encoder_config()
-        te_cfg = ChatGLMConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
-        te_state = _seeded_state(ChatGLMModel(te_cfg), SEED + 2)
-        te_dir = tmp / TEXT_ENCODER_REL
-        _save_safetensors(te_state, te_dir / "model.safetensors")
-        (te_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-
+        for rel in (UNET_REL, VAE_REL):
+            for src in (weights / rel, (weights / rel).with_name("config.json")):
+                dst = tmp / src.relative_to(weights)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+        write_text_encoder(tmp)
         (tmp / "tiny_models.json").write_text(json.dumps({
             "format_version": FORMAT_VERSION, "seed": SEED,
-            "note": "tiny random-weight models of the Kolors architecture, built by kolors_course",
+            "weights_sha256": {k: v["sha256"] for k, v in manifest["files"].items()},
+            "note": "tiny Kolors-architecture models: UNet and VAE trained on the kit's synthetic world "
+                    "(kolors_course/world), text encoder random from its seed",
         }, indent=2))
         if cache_dir.exists():
             shutil.rmtree(cache_dir)

@@ -104,9 +104,9 @@ def write_gallery(records: list, story, scores, lora_info: dict, path: Path, pro
     n_images = len(records) + (len(base_records) if pairs else 0)
     lora_rows = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in lora_info.items())
     note = "" if scores.meaningful else (
-        "<p class='warn'>Tiny profile: small models trained on a toy world of coloured shapes, and a "
-        "stand-in scorer trained on that world to tell clean pictures from damaged ones; the real model "
-        "and the LAION predictor run on the kolors profile.</p>")
+        "<p class='warn'>Tiny profile: small models of Kolors' architecture (not yet trained: the pictures "
+        "show that every step ran) and a stand-in scorer trained on the kit's toy world to tell clean "
+        "pictures from damaged ones; the real model and the LAION predictor run on the kolors profile.</p>")
     layout = ("base model (left) and with the LoRA (right), same seeds"
               if pairs else "one image per scene")
     page = f"""<!DOCTYPE html>

@@ -1,0 +1,185 @@
+"""What a pipeline does with the world's prompts, measured by the judge.
+
+``evaluate(pipe)`` generates through the kit's public path (``kc.generate``) and returns one
+dict of metrics, each with the prompts and seeds it used, so that tests, the README and the
+build's manifest quote the same numbers:
+
+- ``adherence``: "一个{colour}的{shape}，{background}背景" -> shape colour, background, shape right;
+- ``unknown_word``: the same prompts with an unknown word in front (default the LoRA trigger
+  word 几何风) -> the share of that accuracy kept;
+- ``position``: "...，在左边" / "...，在右边" -> left/right right;
+- ``negative``: "一个{shape}" with a colour as negative prompt -> how much of that colour's share
+  (as shape or background) is left, against the kit's default negative prompt;
+- ``cfg``: adherence at cfg 1 against the chosen cfg, and clipped (0 or 255) pixels rising
+  from the chosen cfg to cfg 10;
+- ``parts``: each of the course's five prompt parts (subject, details, modifiers, style,
+  artist), added to a prompt, changes the picture: the judged attribute follows the words,
+  and the mean pixel change against the prompt without that part.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from kolors_course.world import scenes as W
+from kolors_course.world.judge import judge
+
+EVAL_STEPS = 20
+EVAL_CFG = 4.0
+EVAL_SIZE = 128
+UNKNOWN_WORD = "几何风"
+
+
+def _triple(seed: int):
+    rng = random.Random(f"eval:{seed}")
+    colour, background = rng.sample(list(W.COLOURS), 2)
+    return rng.choice(W.SHAPES), colour, background
+
+
+def _gen(pipe, prompt, seed, cfg_scale, steps, size, negative_prompt=None):
+    from kolors_course.generation.text2image import DEFAULT_NEGATIVE, generate
+
+    neg = DEFAULT_NEGATIVE if negative_prompt is None else negative_prompt
+    return generate(pipe, prompt, negative_prompt=neg, seed=seed, cfg_scale=cfg_scale, steps=steps,
+                    height=size, width=size)
+
+
+def _clipped(img) -> float:
+    a = np.asarray(img)
+    return float(((a == 0) | (a == 255)).mean())
+
+
+def _adherence(pipe, seeds, cfg_scale, steps, size, prefix="", negative_prompt=None, keep=None):
+    hits = {"colour": 0, "background": 0, "shape": 0, "all": 0}
+    clipped, prompts = [], []
+    for s in seeds:
+        shape, colour, background = _triple(s)
+        prompt = f"{prefix}一个{colour}的{shape}，{background}背景"
+        img = _gen(pipe, prompt, s, cfg_scale, steps, size, negative_prompt)
+        if keep is not None:
+            keep.append(img)
+        v = judge(img, with_style=False)
+        ok = {"colour": v.colour == colour, "background": v.background == background, "shape": v.shape == shape}
+        for k, b in ok.items():
+            hits[k] += b
+        hits["all"] += all(ok.values())
+        clipped.append(_clipped(img))
+        prompts.append(prompt)
+    n = len(seeds)
+    return {**{k: v / n for k, v in hits.items()}, "clipped": float(np.mean(clipped)), "n": n,
+            "example_prompts": prompts[:3]}
+
+
+def _share(verdicts, colour) -> float:
+    return float(np.mean([(v.colour == colour) or (v.background == colour) for v in verdicts]))
+
+
+def evaluate(pipe, seeds=range(32), steps: int = EVAL_STEPS, cfg_scale: float = EVAL_CFG,
+             size: int = EVAL_SIZE, negative_colours=("红色", "蓝色", "黄色", "绿色"),
+             unknown_word: str = UNKNOWN_WORD, parts: bool = True, log=None) -> dict:
+    """The target metrics for ``pipe`` (a ``kc.load_pipeline`` pipeline), on ``seeds``."""
+    seeds = list(seeds)
+    say = log or (lambda *_: None)
+    out = {"settings": {"seeds": [seeds[0], seeds[-1]], "n": len(seeds), "steps": steps, "cfg_scale": cfg_scale,
+                        "size": size, "negative_prompt": "kc.DEFAULT_NEGATIVE unless stated"}}
+    base_imgs: list = []
+    out["adherence"] = _adherence(pipe, seeds, cfg_scale, steps, size, keep=base_imgs)
+    out["adherence"]["prompt"] = "一个{colour}的{shape}，{background}背景"
+    say("adherence", out["adherence"])
+    unk = _adherence(pipe, seeds, cfg_scale, steps, size, prefix=f"{unknown_word}，")
+    unk["prompt"] = f"{unknown_word}，一个{{colour}}的{{shape}}，{{background}}背景"
+    base = out["adherence"]
+    unk["kept"] = {k: (unk[k] / base[k] if base[k] else None) for k in ("colour", "background", "shape", "all")}
+    out["unknown_word"] = unk
+    say("unknown word", unk)
+
+    cfg1 = _adherence(pipe, seeds, 1.0, steps, size)
+    cfg10 = _adherence(pipe, seeds, 10.0, steps, size)
+    out["cfg"] = {"adherence_all": {"1": cfg1["all"], str(cfg_scale): base["all"], "10": cfg10["all"]},
+                  "adherence_colour": {"1": cfg1["colour"], str(cfg_scale): base["colour"], "10": cfg10["colour"]},
+                  "clipped": {"1": cfg1["clipped"], str(cfg_scale): base["clipped"], "10": cfg10["clipped"]}}
+    say("cfg", out["cfg"])
+
+    hits = 0
+    for s in seeds:
+        shape, colour, background = _triple(s)
+        pos = "左边" if s % 2 == 0 else "右边"
+        v = judge(_gen(pipe, f"{background}背景上的一个{colour}{shape}，在{pos}", s, cfg_scale, steps, size),
+                  with_style=False)
+        hits += v.position == pos
+    out["position"] = {"accuracy": hits / len(seeds), "prompt": "{background}背景上的一个{colour}{shape}，在{左边|右边}",
+                       "n": len(seeds)}
+    say("position", out["position"])
+
+    # negative prompt: the colour's share among pictures of "一个{shape}"
+    plain = [judge(_gen(pipe, f"一个{W.SHAPES[s % 4]}", s, cfg_scale, steps, size), with_style=False) for s in seeds]
+    neg = {}
+    for c in negative_colours:
+        vs = [judge(_gen(pipe, f"一个{W.SHAPES[s % 4]}", s, cfg_scale, steps, size, negative_prompt=c),
+                    with_style=False) for s in seeds]
+        neg[c] = {"share_default_negative": _share(plain, c), "share_with_negative": _share(vs, c)}
+    before = sum(v["share_default_negative"] for v in neg.values())
+    after = sum(v["share_with_negative"] for v in neg.values())
+    out["negative"] = {"per_colour": neg, "cut": (1 - after / before) if before else None,
+                       "prompt": "一个{shape}; negative prompt = the colour"}
+    say("negative", out["negative"])
+
+    if parts:
+        out["parts"] = _parts(pipe, seeds, cfg_scale, steps, size)
+        say("parts", out["parts"])
+    return out
+
+
+def _diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
+
+
+def _parts(pipe, seeds, cfg_scale, steps, size) -> dict:
+    """Each prompt part of the course, added to "一个{colour}的{shape}，{background}背景"."""
+    res = {}
+    checks = {
+        # part: (field judged, values the words name, how the words enter the prompt)
+        "subject": ("shape", W.SHAPES, lambda c, b, sh, v: f"一个{c}的{v}，{b}背景"),
+        "details": ("colour", tuple(W.COLOURS), lambda c, b, sh, v: f"一个{v}的{sh}，{b}背景"),
+        "modifiers_size": ("size", W.SIZES, lambda c, b, sh, v: f"一个{v}{c}的{sh}，{b}背景"),
+        "modifiers_position": ("position", ("左边", "右边"), lambda c, b, sh, v: f"一个{c}的{sh}，{b}背景，在{v}"),
+        "style": ("style", W.STYLES, lambda c, b, sh, v: f"{v}风格，一个{c}的{sh}，{b}背景"),
+        "artist": ("painter", ("林一舟", "苏慕远"), lambda c, b, sh, v: f"一个{c}的{sh}，{b}背景，{v}风格"),
+    }
+    for part, (field, values, make) in checks.items():
+        hits, diffs, n = 0, [], 0
+        for s in seeds:
+            sh, c, b = _triple(s)
+            value = values[s % len(values)]
+            if part == "details" and value == b:
+                value = values[(s + 1) % len(values)]
+            without = _gen(pipe, f"一个{c}的{sh}，{b}背景" if part not in ("subject", "details") else
+                           (f"一个{c}的图形，{b}背景" if part == "subject" else f"一个{sh}，{b}背景"),
+                           s, cfg_scale, steps, size)
+            img = _gen(pipe, make(c, b, sh, value), s, cfg_scale, steps, size)
+            v = judge(img)
+            hits += getattr(v, field) == value
+            diffs.append(_diff(img, without))
+            n += 1
+        res[part] = {"judged": field, "accuracy": hits / n, "chance": 1 / len(values),
+                     "mean_pixel_change": float(np.mean(diffs)), "n": n,
+                     "example_prompt": make(*_triple(seeds[0])[1:], _triple(seeds[0])[0], values[0])}
+    return res
+
+
+def summary_lines(m: dict) -> list[str]:
+    """The headline numbers of ``evaluate`` as short lines (for logs and the README)."""
+    a, u, c, p, n = m["adherence"], m["unknown_word"], m["cfg"], m["position"], m["negative"]
+    lines = [f"adherence (n={a['n']}): colour {a['colour']:.0%}, background {a['background']:.0%}, "
+             f"shape {a['shape']:.0%}, all three {a['all']:.0%}",
+             f"unknown word kept: colour {u['kept']['colour'] or 0:.0%}, background {u['kept']['background'] or 0:.0%}, "
+             f"shape {u['kept']['shape'] or 0:.0%}",
+             f"position left/right: {p['accuracy']:.0%}",
+             f"negative prompt cut: {n['cut'] if n['cut'] is not None else float('nan'):.0%}",
+             f"cfg adherence (all three) 1 / 4 / 10: " + " / ".join(f"{v:.0%}" for v in c["adherence_all"].values()),
+             f"cfg clipped pixels 1 / 4 / 10: " + " / ".join(f"{v:.2%}" for v in c["clipped"].values())]
+    for part, r in m.get("parts", {}).items():
+        lines.append(f"part {part}: {r['judged']} right {r['accuracy']:.0%} (chance {r['chance']:.0%}), "
+                     f"mean pixel change {r['mean_pixel_change']:.1f}")
+    return lines

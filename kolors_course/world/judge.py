@@ -1,0 +1,212 @@
+"""Reading a picture back into the world's terms, by classical image analysis.
+
+``judge(image)`` returns what a generated (or rendered) picture shows: the background
+colour (the nearest palette colour of the border pixels), the shape's colour (nearest
+palette colour of the median of the pixels far from the background), the shape (the
+template, fitted to the shape's bounding box, that overlaps it best), the position
+(where the shape's centroid lies) and the size (the bounding box's larger side), plus
+the rendering style and the painter's palette shift.  ``accuracy`` measures it against
+scenes whose truth is known (rendered pictures, or their VAE round trips).
+
+No learned parts: the judge must not share the mistakes of the models it grades.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from kolors_course.world import scenes as W
+
+#: every palette colour as each painter shifts it: (name, painter, rgb)
+_VARIANTS = [(name, painter, W.shift(rgb, delta)) for name, rgb in W.COLOURS.items()
+             for painter, delta in W.PAINTERS.items()]
+_VAR_RGB = np.array([v[2] for v in _VARIANTS], np.float32)
+#: for the shape's colour vote, also the lighter and darker tones that stripes and gradients
+#: use (half a vote each, so the plain colour wins where it is present)
+_VOTE = _VARIANTS + [(name, painter, W._tone(rgb, t)) for name, painter, rgb in _VARIANTS
+                     for t in (-0.5, 0.5)]
+_VOTE_RGB = np.array([v[2] for v in _VOTE], np.float32)
+_VOTE_WEIGHT = np.array([1.0] * len(_VARIANTS) + [0.5] * (len(_VOTE) - len(_VARIANTS)))
+FOREGROUND_DISTANCE = 45.0      # RGB distance from the background colour that makes a pixel "shape"
+STRIPE_CONTRAST = 25.0          # brightness jump (0..255) between rows two apart that marks a stripe edge
+GRADIENT_SPAN = 35.0            # brightness drop top -> bottom that means a gradient
+#: a shape's bounding-box side per unit of radius, to read its size whatever the shape
+EXTENT_PER_RADIUS = {"圆形": 2.0, "正方形": 1.75, "三角形": 2.4, "星形": 2.38}
+BIG_RADIUS = 19.0               # between the small (14) and big (24) radii, at 128 px
+MIN_SHAPE_PIXELS = 40           # fewer than this (at 128 px) and there is no shape to speak of
+
+
+@dataclass
+class Verdict:
+    background: str | None
+    colour: str | None
+    shape: str | None
+    position: str | None        # 左边 / 中间 / 右边
+    size: str | None            # 大的 / 小的
+    style: str | None           # 扁平 / 渐变 / 条纹
+    painter: str | None         # "" / 林一舟 / 苏慕远 (from the background's shift)
+    centre_x: float | None = None   # 0..1 of the width
+    extent: float | None = None     # bounding box's larger side, 0..1 of the width
+    area: float = 0.0               # fraction of pixels that are shape
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _array(image) -> np.ndarray:
+    if hasattr(image, "convert"):
+        image = image.convert("RGB")
+    a = np.asarray(image, dtype=np.float32)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"expected an RGB image, got shape {a.shape}")
+    return a
+
+
+def nearest_colour(rgb) -> tuple[str, str]:
+    """(palette colour name, painter) of the palette variant nearest to ``rgb``."""
+    d = ((_VAR_RGB - np.asarray(rgb, np.float32)) ** 2).sum(axis=1)
+    name, painter, _ = _VARIANTS[int(np.argmin(d))]
+    return name, painter
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (a small flood fill; no scipy)."""
+    h, w = mask.shape
+    labels = np.zeros((h, w), np.int32)
+    best, best_n, current = 0, 0, 0
+    ys, xs = np.nonzero(mask)
+    for y0, x0 in zip(ys, xs):
+        if labels[y0, x0]:
+            continue
+        current += 1
+        stack = [(y0, x0)]
+        labels[y0, x0] = current
+        n = 0
+        while stack:
+            y, x = stack.pop()
+            n += 1
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not labels[yy, xx]:
+                    labels[yy, xx] = current
+                    stack.append((yy, xx))
+        if n > best_n:
+            best, best_n = current, n
+    return labels == best if best else np.zeros_like(mask)
+
+
+def _vote_colour(img: np.ndarray, mask: np.ndarray) -> str:
+    """The palette colour most of the shape's inner pixels are nearest to (stripes and
+    gradients are minorities around it; anti-aliased edge pixels are left out)."""
+    inner = _erode(mask)
+    px = img[inner if inner.sum() >= 10 else mask]
+    d = ((px[:, None, :] - _VOTE_RGB[None]) ** 2).sum(axis=2)
+    votes: dict[str, float] = {}
+    for k in np.argmin(d, axis=1):
+        votes[_VOTE[k][0]] = votes.get(_VOTE[k][0], 0.0) + _VOTE_WEIGHT[k]
+    return max(votes, key=votes.get)
+
+
+def _template(shape: str, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """The shape drawn to fill ``box`` (x0, y0, x1, y1), as a boolean mask."""
+    x0, y0, x1, y1 = box
+    # the shape's own bounding box at unit radius, mapped onto the detected one
+    poly = W.shape_polygon(shape, 0.0, 0.0, 1.0)
+    if poly is None:
+        poly = [(np.cos(a), np.sin(a)) for a in np.linspace(0, 2 * np.pi, 64, endpoint=False)]
+    px, py = np.array([p[0] for p in poly]), np.array([p[1] for p in poly])
+    sx = (x1 - x0) / max(px.max() - px.min(), 1e-6)
+    sy = (y1 - y0) / max(py.max() - py.min(), 1e-6)
+    pts = [(x0 + (a - px.min()) * sx, y0 + (b - py.min()) * sy) for a, b in zip(px, py)]
+    from PIL import Image, ImageDraw
+
+    s = 2
+    im = Image.new("L", (size * s, size * s), 0)
+    ImageDraw.Draw(im).polygon([(a * s, b * s) for a, b in pts], fill=255)
+    return np.asarray(im.resize((size, size), Image.BOX)) > 127
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return inner
+
+
+def _style(img: np.ndarray, mask: np.ndarray) -> str:
+    """Flat, gradient or stripes, from the shape's brightness row by row (inner pixels only):
+    stripes jump up and down several times, a gradient falls steadily from top to bottom."""
+    luma = img @ np.array([0.299, 0.587, 0.114], np.float32)
+    inner = _erode(mask)
+    rows = [i for i in range(inner.shape[0]) if inner[i].sum() >= 3]
+    if len(rows) < 6:
+        return "扁平"
+    prof = np.array([np.median(luma[i][inner[i]]) for i in rows])
+    step = np.abs(prof[2:] - prof[:-2])                 # change over two rows (edges may be blurred)
+    jumps = step > STRIPE_CONTRAST
+    # count separate jumps (a blurred edge spans neighbouring rows)
+    n_jumps = int(jumps[0]) + int(np.sum(jumps[1:] & ~jumps[:-1]))
+    if n_jumps >= 2:
+        return "条纹"
+    third = max(len(prof) // 3, 1)
+    if np.median(prof[:third]) - np.median(prof[-third:]) > GRADIENT_SPAN:
+        return "渐变"
+    return "扁平"
+
+
+def judge(image, with_style: bool = True) -> Verdict:
+    """What ``image`` (PIL or HxWx3 array) shows, in the world's terms."""
+    img = _array(image)
+    h, w, _ = img.shape
+    border = np.concatenate([img[:3].reshape(-1, 3), img[-3:].reshape(-1, 3),
+                             img[:, :3].reshape(-1, 3), img[:, -3:].reshape(-1, 3)])
+    bg_rgb = np.median(border, axis=0)
+    background, painter = nearest_colour(bg_rgb)
+    far = np.sqrt(((img - bg_rgb) ** 2).sum(axis=2)) > FOREGROUND_DISTANCE
+    mask = _largest_component(far)
+    n = int(mask.sum())
+    if n < MIN_SHAPE_PIXELS * (h * w) / (128 * 128):
+        return Verdict(background, None, None, None, None, None, painter, area=n / (h * w))
+    colour = _vote_colour(img, mask)
+    fg_rgb = np.median(img[mask], axis=0)
+    ys, xs = np.nonzero(mask)
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    best, best_iou = None, -1.0
+    for shape in W.SHAPES:
+        t = _template(shape, (x0, y0, x1, y1), w)
+        iou = (t & mask).sum() / max((t | mask).sum(), 1)
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    cx = xs.mean() / w
+    position = "左边" if cx < 52 / 128 else "右边" if cx > 76 / 128 else "中间"
+    extent = max(x1 - x0, y1 - y0) / w
+    size = "大的" if extent * 128 / EXTENT_PER_RADIUS[best] > BIG_RADIUS else "小的"
+    style = _style(img, mask) if with_style else None
+    return Verdict(background, colour, best, position, size, style, painter,
+                   centre_x=float(cx), extent=float(extent), area=n / (h * w))
+
+
+FIELDS = ("background", "colour", "shape", "position", "size", "style", "painter")
+
+
+def compare(verdict: Verdict, scene: W.Scene) -> dict:
+    return {f: getattr(verdict, f) == getattr(scene, f) for f in FIELDS}
+
+
+def accuracy(images, scene_list) -> dict:
+    """Per-attribute accuracy of the judge on pictures whose scenes are known."""
+    hits = {f: 0 for f in FIELDS}
+    for im, s in zip(images, scene_list):
+        for f, ok in compare(judge(im), s).items():
+            hits[f] += ok
+    n = max(len(scene_list), 1)
+    return {f: hits[f] / n for f in FIELDS}
+
+
+def render_accuracy(n: int = 400, seed: int = 1, size: int = 128) -> dict:
+    """The judge's accuracy on ``n`` clean renders of random scenes."""
+    ss = W.sample_scenes(n, seed=seed)
+    return accuracy([W.render(s, size=size, seed=i) for i, s in enumerate(ss)], ss)

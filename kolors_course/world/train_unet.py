@@ -1,0 +1,157 @@
+"""Training the tiny Kolors-variant UNet from scratch on the world's latents and captions.
+
+The loop of diffusers' ``train_text_to_image.py``, on a CPU and with everything cached:
+- latents: every picture encoded once by the (frozen, trained) VAE encoder;
+- text: every distinct caption encoded once by the frozen tiny ChatGLM through the
+  pipeline's own ``KolorsPrompter`` (the same call the pipeline makes at generation time);
+- noise and timesteps from the pipeline's own scheduler (DiffSynth's ``EnhancedDDIMScheduler``
+  as the Kolors pipeline builds it, 1,100 training timesteps), epsilon target;
+- min-SNR loss weighting (Hang et al. 2023): easy, low-noise timesteps stop dominating;
+- AdamW with warm-up and cosine decay, gradient clipping, and an EMA of the weights,
+  which is what gets shipped (it samples more cleanly than the last raw weights).
+
+Each sample of a batch draws its own timestep (the training loop of ``kolors_course.lora``
+draws one per batch; per-sample is what the diffusers examples do and trains faster).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class UNetConfig:
+    steps: int = 4000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-2
+    adam_betas: tuple = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    snr_gamma: float | None = 5.0     # min-SNR weighting; None: plain MSE
+    # Up-weight the noisiest timesteps (SNR < 1) by min(1/SNR, cap), i.e. the loss on the
+    # predicted clean latent there.  In this simple world the noisy latent gives the picture
+    # away at all but the very first sampling steps (SNR < 0.01), so with a plain epsilon loss
+    # the text changes the loss by ~0.1% and the UNet learns to ignore it; None: off.
+    x0_weight_cap: float | None = None
+    ema_decay: float = 0.999
+    ema_start: int = 0                # step from which the EMA follows the weights
+    seed: int = 0
+    log_every: int = 100
+
+
+def kolors_scheduler():
+    """The noise schedule the Kolors pipeline samples with, in training mode (all 1,100 steps)."""
+    from diffsynth.schedulers import EnhancedDDIMScheduler
+
+    sched = EnhancedDDIMScheduler(beta_end=0.014, num_train_timesteps=1100)   # as SDXLImagePipeline for Kolors
+    sched.set_timesteps(sched.num_train_timesteps, training=True)
+    return sched
+
+
+@torch.no_grad()
+def encode_captions(prompter, captions, log=print) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Every distinct caption through the pipeline's prompter, once.
+
+    Returns ``(index, hidden, pooled)``: ``index[text]`` is the row of that caption in
+    ``hidden`` (float16, N x 256 x dim: half the memory, and the UNet sees float32 again)
+    and ``pooled`` (float32, N x dim).
+    """
+    distinct = sorted(set(captions))
+    hidden, pooled = [], []
+    t0 = time.perf_counter()
+    for i, text in enumerate(distinct):
+        add_emb, emb = prompter.encode_prompt(text, clip_skip=1, clip_skip_2=2, positive=True, device="cpu")
+        hidden.append(emb[0].to(torch.float16))
+        pooled.append(add_emb[0].float())
+        if log and i and i % 2000 == 0:
+            log(f"encoded {i}/{len(distinct)} captions ({time.perf_counter() - t0:.0f} s)")
+    return {t: i for i, t in enumerate(distinct)}, torch.stack(hidden), torch.stack(pooled)
+
+
+def _lr(step: int, cfg) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / max(cfg.warmup_steps, 1)
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class EMA:
+    """Exponential moving average of a model's parameters, with diffusers' warm-up of the
+    decay (``min(decay, (1 + n) / (10 + n))``) so early averages do not keep the random init."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.mul_(d).add_(p.detach(), alpha=1 - d)
+
+
+def min_snr_weight(alpha_bar: torch.Tensor, gamma: float | None, x0_cap: float | None = None) -> torch.Tensor:
+    """min(SNR, gamma) / SNR for the epsilon target (1 everywhere when gamma is None), and,
+    with ``x0_cap``, min(1 / SNR, x0_cap) where SNR < 1 (see ``UNetConfig.x0_weight_cap``)."""
+    snr = alpha_bar / (1 - alpha_bar)
+    w = torch.ones_like(alpha_bar) if gamma is None else torch.clamp(snr, max=gamma) / snr
+    if x0_cap is not None:
+        w = torch.where(snr < 1, torch.clamp(1 / snr, max=x0_cap), w)
+    return w
+
+
+def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidden: torch.Tensor,
+               pooled: torch.Tensor, cfg: UNetConfig, scheduler=None, log=print) -> dict:
+    """Train ``unet`` in place; returns the EMA model and the loss history.
+
+    ``latents``: N x 4 x h x w (standardised); ``caption_rows[i]``: the rows of ``hidden`` /
+    ``pooled`` holding the captions of picture ``i`` (one is drawn per step).
+    """
+    scheduler = scheduler or kolors_scheduler()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, cfg))
+    ema = EMA(unet, cfg.ema_decay)
+    timesteps = scheduler.timesteps
+    alphas = torch.tensor(scheduler.alphas_cumprod)
+    n, _, h, w = latents.shape
+    side = h * 8
+    add_time_id = torch.tensor([side, w * 8, 0, 0, side, w * 8]).repeat(cfg.batch_size)
+    unet.train()
+    losses, t0 = [], time.perf_counter()
+    for step in range(cfg.steps):
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+        rows = [caption_rows[i][int(torch.randint(0, len(caption_rows[i]), (1,), generator=gen))] for i in idx.tolist()]
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = timesteps[torch.randint(0, len(timesteps), (cfg.batch_size,), generator=gen)]
+        # the scheduler's own add_noise / training_target, one sample (one timestep) at a time
+        noisy = torch.cat([scheduler.add_noise(x0[i:i + 1], noise[i:i + 1], t[i]) for i in range(cfg.batch_size)])
+        target = torch.cat([scheduler.training_target(x0[i:i + 1], noise[i:i + 1], t[i]) for i in range(cfg.batch_size)])
+        pred = unet(noisy, timestep=t, encoder_hidden_states=hidden[rows].float(),
+                    add_text_embeds=pooled[rows], add_time_id=add_time_id)
+        per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
+        weight = min_snr_weight(alphas[t.long()], cfg.snr_gamma, cfg.x0_weight_cap)
+        loss = (per_sample * weight).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        if step >= cfg.ema_start:
+            ema.update(unet)
+        losses.append(per_sample.mean().item())
+        if log and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+            recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
+            log(f"unet step {step:5d}/{cfg.steps}  loss {recent:.4f} (mean of last {min(len(losses), cfg.log_every)})  "
+                f"lr {sched.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.0f} s")
+    unet.eval()
+    return {"ema": ema.model, "losses": losses, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}

@@ -1,0 +1,90 @@
+"""The tiny profile's trained weights: the build path (short mode) and the shipped files."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import kolors_course.models.tiny as T
+from kolors_course.world.build import build_tiny, pipeline_from
+
+
+@pytest.fixture(scope="module")
+def quick_build(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("quick-build")
+    manifest = build_tiny(out, quick=True, seed=0)
+    return out, manifest
+
+
+def test_quick_build_writes_the_real_layout(quick_build):
+    out, manifest = quick_build
+    for rel in (T.UNET_REL, T.VAE_REL):
+        assert (out / rel).is_file() and (out / rel).with_name("config.json").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(out / T.UNET_REL), "pt") as f:
+        keys = set(f.keys())
+    assert "encoder_hid_proj.weight" in keys and "add_embedding.linear_1.weight" in keys
+    cfg = json.loads((out / T.UNET_REL).with_name("config.json").read_text())
+    assert cfg["sample_size"] == T.IMAGE_SIZE // 8 and cfg["encoder_hid_dim_type"] == "text_proj"
+    # the manifest lists every file with its hash, and says how it was made
+    for rel, info in manifest["files"].items():
+        assert T.sha256(out / rel) == info["sha256"]
+    for key in ("command", "seed", "wall_seconds", "versions", "losses", "judge"):
+        assert key in manifest
+    assert manifest["versions"]["torch"] == torch.__version__
+
+
+def test_quick_build_loss_falls(quick_build):
+    _, manifest = quick_build
+    losses = manifest["losses"]
+    assert losses["unet_final"] < losses["unet_first"]
+    assert losses["vae_mse_final"] < losses["vae_mse_first"]
+
+
+def test_quick_build_loads_through_the_kit(quick_build, tmp_path):
+    from kolors_course.generation.text2image import generate
+
+    out, _ = quick_build
+    pipe = pipeline_from(out, tmp_path / "cache")
+    img = generate(pipe, "一个红色的圆形，蓝色背景", seed=0, steps=2, cfg_scale=4.0, height=128, width=128)
+    assert img.size == (128, 128)
+    # the build's caption embeddings are the ones the pipeline computes at generation time
+    from diffsynth.prompters import KolorsPrompter
+
+    prompter = KolorsPrompter()
+    prompter.fetch_models(T.text_encoder_module())
+    a_pooled, a = prompter.encode_prompt("一个红色的圆形，蓝色背景", clip_skip=1, clip_skip_2=2, device="cpu")
+    b = pipe.encode_prompt("一个红色的圆形，蓝色背景", positive=True)
+    assert torch.allclose(a, b["encoder_hidden_states"].cpu(), atol=1e-6)
+    assert torch.allclose(a_pooled, b["add_text_embeds"].cpu(), atol=1e-6)
+
+
+def test_quick_build_is_reproducible(quick_build, tmp_path):
+    out, manifest = quick_build
+    again = build_tiny(tmp_path / "again", quick=True, seed=0, evaluate_result=False)
+    assert {k: v["sha256"] for k, v in again["files"].items()} == {k: v["sha256"] for k, v in manifest["files"].items()}
+
+
+def test_a_build_installs_into_a_cache_and_damaged_files_are_refused(quick_build, tmp_path):
+    """What the tiny profile will do with shipped weights: copy a build's files after checking
+    them against its manifest, and refuse a damaged or unlisted build without leaving a cache."""
+    out, _ = quick_build
+    cache = T.install_trained_models(tmp_path / "cache", out)
+    for rel in (T.UNET_REL, T.VAE_REL):
+        assert (cache / rel).read_bytes() == (out / rel).read_bytes()
+    assert (cache / T.TEXT_ENCODER_REL / "model.safetensors").is_file()
+    assert json.loads((cache / "tiny_models.json").read_text())["format_version"] == T.FORMAT_VERSION
+    weights = tmp_path / "weights"
+    shutil.copytree(out, weights)
+    path = weights / T.VAE_REL
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(T.ShippedWeightsError, match="does not match its manifest"):
+        T.install_trained_models(tmp_path / "cache2", weights)
+    assert not (tmp_path / "cache2").exists()
+    (weights / "manifest.json").unlink()
+    with pytest.raises(T.ShippedWeightsError, match="missing"):
+        T.install_trained_models(tmp_path / "cache2", weights)
