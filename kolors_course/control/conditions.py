@@ -65,7 +65,9 @@ def load_reference(image, width: int | None = None, height: int | None = None):
     from kolors_course.data.clean import decode, to_rgb
 
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
+        from kolors_course.core.paths import project_path
+
+        path = project_path(image)          # a relative path is the project's, wherever the kernel runs
         try:
             img, notes = decode(path)
         except ValueError as exc:

@@ -77,6 +77,8 @@ class Profile:
     #: prompt (None: the course's shared one, kc.DEFAULT_NEGATIVE)
     negative_lesson: dict = field(default_factory=lambda: {"prompt": None, "negative": None})
     story: str = "ink_fox"                # notebooks 04 and 05's story (assets/stories/<name>.yaml)
+    #: notebook 05's default reference picture (None: the story's scene 1, generated)
+    reference: str | None = None
     # -- scoring ----------------------------------------------------------------
     scorer: str = "tiny"                  # "tiny" or the ModelScope id of the real predictor
     extra: dict = field(default_factory=dict)
@@ -126,6 +128,7 @@ TINY = Profile(
     # no colour asked for the shape, and red forbidden: across seeds, no red shape is left
     negative_lesson={"prompt": "一个圆形，蓝色背景", "negative": "红色"},
     story="little_star",
+    reference="assets/reference_star.png",   # a clean picture of the tiny world (its models are untrained)
     validations=3,
     base_model="kolors-course/tiny-kolors",
 )
