@@ -390,32 +390,20 @@ def check_shipped(weights: Path | None = None) -> dict:
     return manifest
 
 
-def build_tiny_models(cache_dir: str | os.PathLike, force: bool = False) -> Path:
-    """Write the tiny profile's model files under ``cache_dir`` (once) and return that folder.
-
-    Until trained weights ship with the kit (``kolors_course/world/weights/``, made by
-    ``kolors-course build-tiny``), the tiny profile's UNet and VAE are drawn from a fixed seed:
-    the same bytes on every machine, pictures without meaning.  The folder is built beside the
-    target and renamed into place, so an interrupted build never leaves half a model behind.
-    """
-    cache_dir = Path(cache_dir)
+def _cache_is(cache_dir: Path, version: int) -> bool:
     marker = cache_dir / "tiny_models.json"
-    if marker.exists() and not force:
-        info = json.loads(marker.read_text())
-        if info.get("format_version") == RANDOM_FORMAT_VERSION:
-            return cache_dir
+    return marker.exists() and json.loads(marker.read_text()).get("format_version") == version
+
+
+def _write_cache(cache_dir: Path, fill, marker: dict) -> Path:
+    """Build a cache folder beside ``cache_dir`` with ``fill(folder)``, the text encoder and the
+    marker (written last), then rename it into place: an interrupted build leaves no half model."""
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=cache_dir.parent))
     try:
-        for kind, rel, seed in (("unet", UNET_REL, SEED), ("vae", VAE_REL, SEED + 1)):
-            model = _diffusers_model(kind)
-            _save_safetensors(_seeded_state(model, seed), tmp / rel)
-            (tmp / rel).with_name("config.json").write_text(json.dumps(_jsonable(dict(model.config)), indent=2))
+        fill(tmp)
         write_text_encoder(tmp)
-        (tmp / "tiny_models.json").write_text(json.dumps({
-            "format_version": RANDOM_FORMAT_VERSION, "seed": SEED,
-            "note": "tiny random-weight models of the Kolors architecture, built by kolors_course",
-        }, indent=2))
+        (tmp / "tiny_models.json").write_text(json.dumps(dict(marker, seed=SEED), indent=2))
         if cache_dir.exists():
             shutil.rmtree(cache_dir)
         os.replace(tmp, cache_dir)
@@ -423,46 +411,53 @@ def build_tiny_models(cache_dir: str | os.PathLike, force: bool = False) -> Path
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return cache_dir
+
+
+def build_tiny_models(cache_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Write the tiny profile's model files under ``cache_dir`` (once) and return that folder.
+
+    Until trained weights ship with the kit (``kolors_course/world/weights/``, made by
+    ``kolors-course build-tiny``), the tiny profile's UNet and VAE are drawn from a fixed seed:
+    the same bytes on every machine, pictures without meaning.
+    """
+    cache_dir = Path(cache_dir)
+    if _cache_is(cache_dir, RANDOM_FORMAT_VERSION) and not force:
+        return cache_dir
+
+    def fill(folder: Path) -> None:
+        for kind, rel, seed in (("unet", UNET_REL, SEED), ("vae", VAE_REL, SEED + 1)):
+            model = _diffusers_model(kind)
+            _save_safetensors(_seeded_state(model, seed), folder / rel)
+            (folder / rel).with_name("config.json").write_text(json.dumps(_jsonable(dict(model.config)), indent=2))
+
+    return _write_cache(cache_dir, fill, {
+        "format_version": RANDOM_FORMAT_VERSION,
+        "note": "tiny random-weight models of the Kolors architecture, built by kolors_course"})
 
 
 def install_trained_models(cache_dir: str | os.PathLike, weights: Path, force: bool = False) -> Path:
     """Put trained tiny model files (a ``build_tiny`` output folder, ``weights``) under ``cache_dir``.
 
     The trained UNet and VAE (with their config.json) are copied after their SHA-256 is checked
-    against the folder's manifest; the text encoder is rebuilt from its seed.  The
-    folder is built beside the target and renamed into place, so an interrupted build never
-    leaves half a model behind.
+    against the folder's manifest; the text encoder is rebuilt from its seed.
     """
-    cache_dir = Path(cache_dir)
-    marker = cache_dir / "tiny_models.json"
-    if marker.exists() and not force:
-        info = json.loads(marker.read_text())
-        if info.get("format_version") == FORMAT_VERSION:
-            return cache_dir
-    weights = Path(weights)
+    cache_dir, weights = Path(cache_dir), Path(weights)
+    if _cache_is(cache_dir, FORMAT_VERSION) and not force:
+        return cache_dir
     manifest = check_shipped(weights)
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=cache_dir.parent))
-    try:
+
+    def fill(folder: Path) -> None:
         for rel in (UNET_REL, VAE_REL):
             for src in (weights / rel, (weights / rel).with_name("config.json")):
-                dst = tmp / src.relative_to(weights)
+                dst = folder / src.relative_to(weights)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dst)
-        write_text_encoder(tmp)
-        (tmp / "tiny_models.json").write_text(json.dumps({
-            "format_version": FORMAT_VERSION, "seed": SEED,
-            "weights_sha256": {k: v["sha256"] for k, v in manifest["files"].items()},
-            "note": "tiny Kolors-architecture models: UNet and VAE trained on the kit's synthetic world "
-                    "(kolors_course/world), text encoder random from its seed",
-        }, indent=2))
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        os.replace(tmp, cache_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return cache_dir
+
+    return _write_cache(cache_dir, fill, {
+        "format_version": FORMAT_VERSION,
+        "weights_sha256": {k: v["sha256"] for k, v in manifest["files"].items()},
+        "note": "tiny Kolors-architecture models: UNet and VAE trained on the kit's synthetic world "
+                "(kolors_course/world), text encoder random from its seed"})
 
 
 def _jsonable(cfg: dict) -> dict:
