@@ -111,13 +111,17 @@ def cmd_fetch(args) -> int:
 
 def cmd_build_tiny(args) -> int:
     """Train the tiny profile's UNet and VAE on the synthetic world (kolors_course.world.build)."""
-    from kolors_course.world.build import build_tiny
+    from kolors_course.world.build import STAGES, build_tiny
 
     command = "kolors-course build-tiny " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
     manifest = build_tiny(args.out, seed=args.seed, threads=args.threads, quick=args.quick,
-                          log_file=args.log_file, command=command)
-    print(f"wrote {len(manifest['files'])} files and manifest.json under {args.out} "
-          f"in {manifest['wall_seconds']:.0f} s")
+                          log_file=args.log_file, command=command, stages=tuple(args.stage or STAGES),
+                          vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+    if manifest is None:
+        print(f"stage(s) {', '.join(args.stage)} written under {args.out}; run `--stage finish` when both are done")
+    else:
+        print(f"wrote {len(manifest['files'])} files and manifest.json under {args.out} "
+              f"in {sum(manifest['seconds'].values()):.0f} s of training")
     return 0
 
 
@@ -171,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     bt.add_argument("--seed", type=int, default=0)
     bt.add_argument("--log-file", default=None, help="also write the training log here")
+    bt.add_argument("--stage", action="append", choices=["vae", "unet", "finish"],
+                    help="run only this stage (repeatable); `vae` and `unet` can run side by side as two "
+                         "processes with --threads 1 each, then `finish` writes the manifest (default: all)")
+    bt.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default: the shipped build's)")
+    bt.add_argument("--unet-steps", type=int, default=None, help="UNet training steps (default: the shipped build's)")
     bt.set_defaults(func=cmd_build_tiny)
     return p
 

@@ -27,10 +27,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+#: The mechanics tests run the tiny profile small and short (64 px, 2 steps): the same models and
+#: code path, a tenth of the time.  What the lessons show is tested at the profile's own settings
+#: (tests/test_tiny_lessons.py, the notebooks).
+FAST_TINY = dict(height=64, width=64, steps=2, train_resolution=64)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from kolors_course.core.profiles import choose_profile
-    return choose_profile("tiny")
+    return choose_profile("tiny", **FAST_TINY)
 
 
 @pytest.fixture(scope="session")

@@ -48,3 +48,26 @@ def test_the_vae_round_trip_reports_what_survives(tiny_pipe):
     assert latents.shape == (1, 4, picture.height // 8, picture.width // 8)
     assert back.size == picture.size and np.isfinite(psnr)
     assert len(diffusion.latent_channels(latents, size=32)) == 4
+
+
+def test_training_from_scratch_changes_the_samples_reproducibly_and_leaves_the_pipeline(tiny, tiny_pipe):
+    import numpy as np
+    import torch
+
+    before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    kw = dict(steps=6, sample_every=3, batch_size=4, n_scenes=16, seed=3)
+    a = diffusion.train_from_scratch(tiny, "一个红色的圆形，蓝色背景", **kw)
+    assert [n for n, _ in a.samples] == [0, 3, 6] and len(a.losses) == 6
+    first, last = (np.asarray(im, np.float32) for _, im in (a.samples[0], a.samples[-1]))
+    assert np.abs(first - last).mean() > 1.0, "six training steps left the samples as they were"
+    b = diffusion.train_from_scratch(tiny, "一个红色的圆形，蓝色背景", **kw)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(a.samples, b.samples))
+    after = tiny_pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the learner's pipeline was changed"
+
+
+def test_training_from_scratch_is_for_the_tiny_world_only():
+    from kolors_course.core.profiles import KOLORS
+
+    with pytest.raises(ValueError, match="tiny"):
+        diffusion.train_from_scratch(KOLORS)

@@ -31,7 +31,7 @@ def test_quick_build_writes_the_real_layout(quick_build):
     # the manifest lists every file with its hash, and says how it was made
     for rel, info in manifest["files"].items():
         assert T.sha256(out / rel) == info["sha256"]
-    for key in ("command", "seed", "wall_seconds", "versions", "losses", "judge"):
+    for key in ("command", "seed", "seconds", "versions", "losses", "judge", "cell_stats"):
         assert key in manifest
     assert manifest["versions"]["torch"] == torch.__version__
 
@@ -88,3 +88,46 @@ def test_a_build_installs_into_a_cache_and_damaged_files_are_refused(quick_build
     (weights / "manifest.json").unlink()
     with pytest.raises(T.ShippedWeightsError, match="missing"):
         T.install_trained_models(tmp_path / "cache2", weights)
+
+
+def test_the_shipped_weights_match_their_manifest_and_are_what_the_profile_loads(tmp_path):
+    """The files in kolors_course/world/weights are the ones their manifest lists (SHA-256), within
+    the issue's 20 MB, and the tiny profile's cache is filled from them."""
+    manifest = T.check_shipped()
+    total = sum(info["bytes"] for info in manifest["files"].values())
+    assert total <= 20 * 2 ** 20, total
+    assert manifest["settings"]["image_size"] == T.IMAGE_SIZE
+    cache = T.build_tiny_models(tmp_path / "cache")
+    for rel in (T.UNET_REL, T.VAE_REL):
+        assert (cache / rel).read_bytes() == (T.shipped_weights_dir() / rel).read_bytes()
+
+
+def test_a_cache_of_other_weights_is_refreshed(tmp_path):
+    """A cache made from another build (an older kit, a rebuild) is replaced, not reused."""
+    cache = T.build_random_tiny_models(tmp_path / "cache")
+    before = (cache / T.UNET_REL).read_bytes()
+    T.build_tiny_models(cache)
+    assert (cache / T.UNET_REL).read_bytes() != before
+    assert (cache / T.UNET_REL).read_bytes() == (T.shipped_weights_dir() / T.UNET_REL).read_bytes()
+
+
+def test_missing_shipped_weights_say_how_to_get_them(tmp_path):
+    with pytest.raises(T.ShippedWeightsError, match="build-tiny"):
+        T.install_trained_models(tmp_path / "cache", tmp_path / "no-weights")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_two_stages_can_run_apart_and_must_agree(tmp_path):
+    """`--stage vae` and `--stage unet` as separate runs give the same files as one run; a UNet of
+    another world is refused at `finish`."""
+    out = tmp_path / "apart"
+    assert build_tiny(out, quick=True, seed=0, stages=("vae",)) is None
+    assert build_tiny(out, quick=True, seed=0, stages=("unet",)) is None
+    m = build_tiny(out, quick=True, seed=0, stages=("finish",), evaluate_result=False)
+    one = build_tiny(tmp_path / "one", quick=True, seed=0, evaluate_result=False)
+    assert {k: v["sha256"] for k, v in m["files"].items()} == {k: v["sha256"] for k, v in one["files"].items()}
+    build_tiny(out, quick=True, seed=1, stages=("unet",))
+    with pytest.raises(ValueError, match="different settings"):
+        build_tiny(out, quick=True, seed=0, stages=("finish",), evaluate_result=False)
+    with pytest.raises(FileNotFoundError, match="vae"):
+        build_tiny(tmp_path / "empty", quick=True, stages=("finish",))

@@ -41,6 +41,7 @@ class Profile:
     kolors_model_id: str = "Kwai-Kolors/Kolors"
     vae_model_id: str = "AI-ModelScope/sdxl-vae-fp16-fix"
     cache_dir: str = "models"             # relative to the project root
+    tiny_weights: str | None = None       # tiny only: a `kolors-course build-tiny` folder (None: the shipped one)
     dtype: str = "float32"                # UNet/text-encoder dtype for inference
     device: str = "cpu"
     memory_mode: str = "full"             # "full", "offload", or "auto" (chosen from the GPU's memory)
@@ -59,6 +60,7 @@ class Profile:
     trigger_word: str = "几何风"          # first in every caption; calls up the LoRA in a prompt
     # -- training --------------------------------------------------------------
     train_resolution: int = 64
+    train_offset_noise: float = 0.0       # TrainConfig.offset_noise (tiny: what its base UNet was trained with)
     train_steps: int = 60
     lora_rank: int = 4
     lora_alpha: float = 4.0
@@ -120,6 +122,13 @@ TINY = Profile(
     name="tiny",
     model_source="tiny",
     cache_dir="cache/tiny",
+    # the size the shipped tiny models were trained at (16x16x4 latents: enough for shapes), and
+    # enough steps for clean pictures (the lessons' sweeps show fewer)
+    height=128,
+    width=128,
+    steps=20,
+    train_resolution=128,
+    train_offset_noise=0.3,
     show_size=256,
     # the tiny world's words (kolors_course.world): shape, colours, size and place, rendering
     # style, and an invented painter whose palette is warm
@@ -128,7 +137,7 @@ TINY = Profile(
     # no colour asked for the shape, and red forbidden: across seeds, no red shape is left
     negative_lesson={"prompt": "一个圆形，蓝色背景", "negative": "红色"},
     story="little_star",
-    reference="assets/reference_star.png",   # a clean picture of the tiny world (its models are untrained)
+    reference="assets/reference_star.png",   # a clean picture of the tiny world
     validations=3,
     base_model="kolors-course/tiny-kolors",
 )

@@ -32,6 +32,11 @@ class TrainConfig:
     resolution: int = 1024
     center_crop: bool = True
     random_flip: bool = True
+    # Offset noise: a per-channel constant of this standard deviation added to each sample's
+    # noise, so the overall colour of a picture must come from the prompt (see
+    # kolors_course.world.train_unet.UNetConfig.offset_noise).  The tiny profile's base UNet was
+    # trained with it and its LoRA is too; 0 (plain noise) is the usual choice for Kolors.
+    offset_noise: float = 0.0
     precision: str = "auto"                 # auto, fp32, fp16, bf16
     gradient_checkpointing: bool = True
     cache_latents: bool = True
@@ -98,7 +103,7 @@ class TrainConfig:
     def for_profile(cls, profile: Profile, **overrides) -> "TrainConfig":
         base = dict(rank=profile.lora_rank, alpha=profile.lora_alpha, learning_rate=profile.learning_rate,
                     max_steps=profile.train_steps, batch_size=profile.batch_size,
-                    resolution=profile.train_resolution,
+                    resolution=profile.train_resolution, offset_noise=profile.train_offset_noise,
                     gradient_checkpointing=profile.gradient_checkpointing,
                     checkpoint_every=max(1, profile.train_steps // 5),
                     validate_every=max(1, profile.train_steps // profile.validations) if profile.validations else None)

@@ -21,6 +21,8 @@ def batch_loss(unet_t, data, global_idx, cfg, pipe, scheduler, gen, accelerator)
     flips = [bool(cfg.random_flip and torch.rand((), generator=gen) < 0.5) for _ in global_idx]
     side = cfg.resolution // 8
     noise_all = torch.randn((len(global_idx), 4, side, side), generator=gen)
+    if cfg.offset_noise:        # drawn only when asked, so runs without it keep their random stream
+        noise_all = noise_all + cfg.offset_noise * torch.randn((len(global_idx), 4, 1, 1), generator=gen)
     tid = int(torch.randint(0, len(scheduler.timesteps), (1,), generator=gen))
     mine = slice(rank * share, (rank + 1) * share)
     latents, emb, pooled = [], [], []

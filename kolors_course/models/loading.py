@@ -75,7 +75,7 @@ def ensure_weights(profile: Profile, download: bool = True) -> ModelFiles:
     """Make sure the profile's model files exist; build (tiny) or download (kolors) them."""
     files = model_files(profile)
     if profile.model_source == "tiny":
-        tiny_models.build_tiny_models(profile.cache_path)
+        tiny_models.build_tiny_models(profile.cache_path, weights=profile.tiny_weights)
         return files
     if profile.model_source == "rehearsal":
         # random Kolors-sized weights, written by `kolors-course rehearsal` (about 18 GB): never downloaded

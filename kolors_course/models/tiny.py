@@ -1,10 +1,10 @@
 """Tiny, deterministic models of the Kolors architecture, for CPU runs.
 
 The UNet and VAE can be trained (``kolors_course.world.build``, ``kolors-course build-tiny``) on
-a small synthetic world of coloured shapes with Chinese captions; ``install_trained_models``
-puts such a build into a cache after checking it against its manifest's SHA-256.  The tiny
-profile itself still uses seeded random weights (``build_tiny_models``) until a build that meets
-the lessons' targets ships in ``kolors_course/world/weights/``.  The 2-layer ChatGLM text
+a small synthetic world of coloured shapes with Chinese captions; the kit ships such a build in
+``kolors_course/world/weights/`` and ``build_tiny_models`` puts it into the tiny profile's cache
+after checking it against its manifest's SHA-256 (``build_random_tiny_models`` gives the same
+files with seeded random weights, the "before training" baseline).  The 2-layer ChatGLM text
 encoder stays random (and frozen during training): it is rebuilt from its seed, bit for bit.
 
 The files are written once, in the same on-disk layout and format as the real
@@ -390,9 +390,14 @@ def check_shipped(weights: Path | None = None) -> dict:
     return manifest
 
 
-def _cache_is(cache_dir: Path, version: int) -> bool:
+def _cache_is(cache_dir: Path, version: int, weights_sha256: dict | None = None) -> bool:
+    """Whether ``cache_dir`` already holds a finished cache of ``version`` (and of those weights)."""
     marker = cache_dir / "tiny_models.json"
-    return marker.exists() and json.loads(marker.read_text()).get("format_version") == version
+    if not marker.exists():
+        return False
+    info = json.loads(marker.read_text())
+    return info.get("format_version") == version and (
+        weights_sha256 is None or info.get("weights_sha256") == weights_sha256)
 
 
 def _write_cache(cache_dir: Path, fill, marker: dict) -> Path:
@@ -413,13 +418,22 @@ def _write_cache(cache_dir: Path, fill, marker: dict) -> Path:
     return cache_dir
 
 
-def build_tiny_models(cache_dir: str | os.PathLike, force: bool = False) -> Path:
+def build_tiny_models(cache_dir: str | os.PathLike, force: bool = False, weights=None) -> Path:
     """Write the tiny profile's model files under ``cache_dir`` (once) and return that folder.
 
-    Until trained weights ship with the kit (``kolors_course/world/weights/``, made by
-    ``kolors-course build-tiny``), the tiny profile's UNet and VAE are drawn from a fixed seed:
-    the same bytes on every machine, pictures without meaning.
+    The UNet and VAE are the trained ones that ship with the kit (``kolors_course/world/weights/``,
+    made by ``kolors-course build-tiny``), or those of another build folder ``weights`` (the
+    profile's ``tiny_weights``), checked against their manifest; the text encoder is rebuilt from
+    its seed.
     """
+    return install_trained_models(cache_dir, Path(weights) if weights else shipped_weights_dir(), force=force)
+
+
+def build_random_tiny_models(cache_dir: str | os.PathLike, force: bool = False) -> Path:
+    """The same files with seeded random UNet and VAE weights (the same bytes on every machine).
+
+    Not what the tiny profile uses: a baseline that shows what training changed (notebook 06
+    and the behavioural tests compare against it)."""
     cache_dir = Path(cache_dir)
     if _cache_is(cache_dir, RANDOM_FORMAT_VERSION) and not force:
         return cache_dir
@@ -442,9 +456,10 @@ def install_trained_models(cache_dir: str | os.PathLike, weights: Path, force: b
     against the folder's manifest; the text encoder is rebuilt from its seed.
     """
     cache_dir, weights = Path(cache_dir), Path(weights)
-    if _cache_is(cache_dir, FORMAT_VERSION) and not force:
-        return cache_dir
     manifest = check_shipped(weights)
+    shas = {k: v["sha256"] for k, v in manifest["files"].items()}
+    if _cache_is(cache_dir, FORMAT_VERSION, shas) and not force:
+        return cache_dir      # a rebuilt or updated kit has other hashes, and refreshes the cache
 
     def fill(folder: Path) -> None:
         for rel in (UNET_REL, VAE_REL):
@@ -455,7 +470,7 @@ def install_trained_models(cache_dir: str | os.PathLike, weights: Path, force: b
 
     return _write_cache(cache_dir, fill, {
         "format_version": FORMAT_VERSION,
-        "weights_sha256": {k: v["sha256"] for k, v in manifest["files"].items()},
+        "weights_sha256": shas,
         "note": "tiny Kolors-architecture models: UNet and VAE trained on the kit's synthetic world "
                 "(kolors_course/world), text encoder random from its seed"})
 

@@ -177,8 +177,8 @@ def summary_lines(m: dict) -> list[str]:
              f"shape {u['kept']['shape'] or 0:.0%}",
              f"position left/right: {p['accuracy']:.0%}",
              f"negative prompt cut: {n['cut'] if n['cut'] is not None else float('nan'):.0%}",
-             f"cfg adherence (all three) 1 / 4 / 10: " + " / ".join(f"{v:.0%}" for v in c["adherence_all"].values()),
-             f"cfg clipped pixels 1 / 4 / 10: " + " / ".join(f"{v:.2%}" for v in c["clipped"].values())]
+             "cfg adherence (all three) 1 / 4 / 10: " + " / ".join(f"{v:.0%}" for v in c["adherence_all"].values()),
+             "cfg clipped pixels 1 / 4 / 10: " + " / ".join(f"{v:.2%}" for v in c["clipped"].values())]
     for part, r in m.get("parts", {}).items():
         lines.append(f"part {part}: {r['judged']} right {r['accuracy']:.0%} (chance {r['chance']:.0%}), "
                      f"mean pixel change {r['mean_pixel_change']:.1f}")

@@ -12,7 +12,6 @@ No learned parts: the judge must not share the mistakes of the models it grades.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -171,7 +170,6 @@ def judge(image, with_style: bool = True) -> Verdict:
     if n < MIN_SHAPE_PIXELS * (h * w) / (128 * 128):
         return Verdict(background, None, None, None, None, None, painter, area=n / (h * w))
     colour = _vote_colour(img, mask)
-    fg_rgb = np.median(img[mask], axis=0)
     ys, xs = np.nonzero(mask)
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
     best, best_iou = None, -1.0

@@ -38,6 +38,17 @@ class UNetConfig:
     # away at all but the very first sampling steps (SNR < 0.01), so with a plain epsilon loss
     # the text changes the loss by ~0.1% and the UNet learns to ignore it; None: off.
     x0_weight_cap: float | None = None
+    # Draw this share of each batch's timesteps from the top of the schedule (t >= high_t_start x
+    # 1,100), where the text decides the picture; the rest uniformly, as usual.
+    high_t_fraction: float = 0.0
+    high_t_start: float = 0.6
+    # Offset noise (Guttenberg 2023): each sample's noise gets a per-channel constant of this
+    # standard deviation added.  The world's pictures are mostly flat colour, so the mean of a
+    # noisy latent gives the colours away down to the noisiest timesteps and a UNet trained on
+    # plain noise learns to read them from there and ignore the text; with the offset, the mean
+    # is unreliable and the colours must come from the caption.  Training only: the pipeline
+    # samples from plain Gaussian noise as ever.
+    offset_noise: float = 0.0
     ema_decay: float = 0.999
     ema_start: int = 0                # step from which the EMA follows the weights
     seed: int = 0
@@ -108,8 +119,11 @@ def min_snr_weight(alpha_bar: torch.Tensor, gamma: float | None, x0_cap: float |
 
 
 def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidden: torch.Tensor,
-               pooled: torch.Tensor, cfg: UNetConfig, scheduler=None, log=print) -> dict:
+               pooled: torch.Tensor, cfg: UNetConfig, scheduler=None, log=print, callback=None) -> dict:
     """Train ``unet`` in place; returns the EMA model and the loss history.
+
+    ``callback(steps_done, unet)``, if given, runs after every step (notebook 06 samples from it);
+    the UNet is put back in training mode after it.
 
     ``latents``: N x 4 x h x w (standardised); ``caption_rows[i]``: the rows of ``hidden`` /
     ``pooled`` holding the captions of picture ``i`` (one is drawn per step).
@@ -132,7 +146,14 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
         rows = [caption_rows[i][int(torch.randint(0, len(caption_rows[i]), (1,), generator=gen))] for i in idx.tolist()]
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        t = timesteps[torch.randint(0, len(timesteps), (cfg.batch_size,), generator=gen)]
+        if cfg.offset_noise:
+            noise = noise + cfg.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
+        pick = torch.randint(0, len(timesteps), (cfg.batch_size,), generator=gen)
+        if cfg.high_t_fraction:
+            # scheduler.timesteps runs from the noisiest down, so the top of the schedule is its head
+            high = torch.randint(0, max(1, int(len(timesteps) * (1 - cfg.high_t_start))), (cfg.batch_size,), generator=gen)
+            pick = torch.where(torch.rand(cfg.batch_size, generator=gen) < cfg.high_t_fraction, high, pick)
+        t = timesteps[pick]
         # the scheduler's own add_noise / training_target, one sample (one timestep) at a time
         noisy = torch.cat([scheduler.add_noise(x0[i:i + 1], noise[i:i + 1], t[i]) for i in range(cfg.batch_size)])
         target = torch.cat([scheduler.training_target(x0[i:i + 1], noise[i:i + 1], t[i]) for i in range(cfg.batch_size)])
@@ -149,6 +170,9 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
         if step >= cfg.ema_start:
             ema.update(unet)
         losses.append(per_sample.mean().item())
+        if callback is not None:
+            callback(step + 1, unet)
+            unet.train()
         if log and (step % cfg.log_every == 0 or step == cfg.steps - 1):
             recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
             log(f"unet step {step:5d}/{cfg.steps}  loss {recent:.4f} (mean of last {min(len(losses), cfg.log_every)})  "
