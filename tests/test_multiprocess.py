@@ -35,7 +35,7 @@ def _losses(run: Path) -> list[float]:
 def test_two_processes_train_as_one_with_the_same_global_batch(tiny, tmp_path):
     data = tmp_path / "ds"
     build_training_set("synthetic", data, recipe=Recipe(min_width=48, min_height=48), limit=8)
-    settings = dict(max_steps=4, checkpoint_every=2, validate_every=None)
+    settings = dict(max_steps=4, checkpoint_every=2, validate_every=None, resolution=tiny.train_resolution)
     one = train_lora(tiny, data, tmp_path / "one", TrainConfig.for_profile(tiny, batch_size=2, **settings))
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
