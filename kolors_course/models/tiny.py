@@ -432,8 +432,8 @@ def build_tiny_models(cache_dir: str | os.PathLike, force: bool = False, weights
 def build_random_tiny_models(cache_dir: str | os.PathLike, force: bool = False) -> Path:
     """The same files with seeded random UNet and VAE weights (the same bytes on every machine).
 
-    Not what the tiny profile uses: a baseline that shows what training changed (notebook 06
-    and the behavioural tests compare against it)."""
+    Not what the tiny profile uses: the "before training" baseline, for comparisons and for
+    tests that need a cache of other weights."""
     cache_dir = Path(cache_dir)
     if _cache_is(cache_dir, RANDOM_FORMAT_VERSION) and not force:
         return cache_dir

@@ -175,13 +175,6 @@ def train_vae(encoder, decoder, pixels: torch.Tensor, cfg: VAEConfig, stats: Cel
 
 
 @torch.no_grad()
-def latent_stats(encoder, pixels: torch.Tensor, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and standard deviation of the (unscaled) latent means over ``pixels``."""
-    means = torch.cat([encode_moments(encoder, to_unit(pixels[i:i + batch]))[0] for i in range(0, len(pixels), batch)])
-    return means.mean(dim=(0, 2, 3)), means.std(dim=(0, 2, 3))
-
-
-@torch.no_grad()
 def encoder_error(encoder, pixels: torch.Tensor, stats: CellStats, batch: int = 32) -> float:
     """Mean squared error of the encoder's latents (through DiffSynth's forward, after
     ``fold_latent_scale``) against ``target_latents``, in latent units."""
