@@ -193,7 +193,8 @@ def train_from_scratch(profile, prompt: str = "一个红色的圆形，蓝色背
         for module in pipe.unet.modules():
             if hasattr(module, "reset_parameters") and module is not pipe.unet:
                 module.reset_parameters()
-    stats = CellStats(**json.loads((tiny.shipped_weights_dir() / "manifest.json").read_text())["cell_stats"])
+    # the latent space of the build the profile loads (its own, or the shipped one)
+    stats = CellStats(**json.loads((tiny.weights_folder(profile.tiny_weights) / "manifest.json").read_text())["cell_stats"])
     scene_list = W.sample_scenes(n_scenes, seed=seed + 99)
     size = tiny.IMAGE_SIZE
     latents = target_latents(images_to_tensor([W.render(s, size=size, seed=i) for i, s in enumerate(scene_list)]),

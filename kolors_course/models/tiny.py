@@ -358,6 +358,11 @@ def shipped_weights_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "world" / "weights"
 
 
+def weights_folder(weights=None) -> Path:
+    """The build folder a tiny profile uses: its ``tiny_weights`` if set, else the shipped one."""
+    return Path(weights) if weights else shipped_weights_dir()
+
+
 def sha256(path: Path) -> str:
     import hashlib
 
@@ -426,7 +431,7 @@ def build_tiny_models(cache_dir: str | os.PathLike, force: bool = False, weights
     profile's ``tiny_weights``), checked against their manifest; the text encoder is rebuilt from
     its seed.
     """
-    return install_trained_models(cache_dir, Path(weights) if weights else shipped_weights_dir(), force=force)
+    return install_trained_models(cache_dir, weights_folder(weights), force=force)
 
 
 def build_random_tiny_models(cache_dir: str | os.PathLike, force: bool = False) -> Path:
