@@ -40,6 +40,9 @@ CASES = {
     "train-full-80": ("train", "full", None),
     "train-full-24": ("train", "full", 24),
     "train-offload-16": ("train", "offload", 16),
+    # notebook 05: the same image steered by the SDXL ControlNet-Union (canny, strength 0.8)
+    "control-full-80": ("control", "full", None),
+    "control-offload-16": ("control", "offload", 16),
 }
 
 
@@ -84,7 +87,7 @@ def run_case(name: str, steps: int = 50, train_steps: int = 10) -> dict:
     prof = kc.choose_profile("kolors")
     t0 = time.perf_counter()
     # the kit's own memory modes: "offload" parks every model on the CPU between uses
-    pipe = random_pipeline(prof.with_(memory_mode=mode), "kolors", "cuda")
+    pipe = random_pipeline(prof.with_(memory_mode=mode), "kolors", "cuda", controlnet=what == "control")
     out["build_random_models_s"] = round(time.perf_counter() - t0, 1)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -97,13 +100,20 @@ def run_case(name: str, steps: int = 50, train_steps: int = 10) -> dict:
             out["result"] = f"does not fit: {_gb(torch.cuda.memory_allocated())} GB resident after load"
             return out
     try:
-        if what == "generate":
+        if what in ("generate", "control"):
+            extra = {}
+            if what == "control":
+                from PIL import Image, ImageDraw
+
+                edges = Image.new("RGB", (1024, 1024))
+                ImageDraw.Draw(edges).ellipse((256, 256, 768, 768), outline=(255, 255, 255), width=3)
+                extra = dict(control_image=edges, control="canny", control_strength=0.8)
             t0 = time.perf_counter()
-            kc.generate(pipe, PROMPT, seed=0, steps=2)          # warm-up (kernels, cuDNN plans)
+            kc.generate(pipe, PROMPT, seed=0, steps=2, **extra)          # warm-up (kernels, cuDNN plans)
             torch.cuda.synchronize()
             out["warmup_2_steps_s"] = round(time.perf_counter() - t0, 2)
             t0 = time.perf_counter()
-            img = kc.generate(pipe, PROMPT, seed=0, steps=steps)
+            img = kc.generate(pipe, PROMPT, seed=0, steps=steps, **extra)
             torch.cuda.synchronize()
             out[f"generate_1024px_{steps}_steps_s"] = round(time.perf_counter() - t0, 2)
             out["image_size"] = list(img.size)

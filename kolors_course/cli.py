@@ -101,6 +101,10 @@ def cmd_fetch(args) -> int:
     prof = choose_profile(args.profile, **({"cache_dir": args.cache} if args.cache else {}))
     try:
         files = ensure_weights(prof, download=True)
+        if args.controlnet:
+            from kolors_course.models.loading import ensure_controlnet
+
+            print(f"ControlNet-Union ready: {ensure_controlnet(prof, download=True)}")
     except MissingWeightsError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -116,9 +120,10 @@ def cmd_build_tiny(args) -> int:
     command = "kolors-course build-tiny " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
     manifest = build_tiny(args.out, seed=args.seed, threads=args.threads, quick=args.quick,
                           log_file=args.log_file, command=command, stages=tuple(args.stage or STAGES),
-                          vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+                          vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                          controlnet_steps=args.controlnet_steps)
     if manifest is None:
-        print(f"stage(s) {', '.join(args.stage)} written under {args.out}; run `--stage finish` when both are done")
+        print(f"stage(s) {', '.join(args.stage)} written under {args.out}; run `--stage finish` when the others are done")
     else:
         print(f"wrote {len(manifest['files'])} files and manifest.json under {args.out} "
               f"in {sum(manifest['seconds'].values()):.0f} s of training")
@@ -167,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="download (kolors) or build (tiny) a profile's model files")
     f.add_argument("--profile", default="kolors", choices=["auto", "tiny", "kolors"])
     f.add_argument("--cache", default=None, help="model cache folder (default: the profile's)")
+    f.add_argument("--controlnet", action="store_true",
+                   help="also the SDXL ControlNet-Union (promax) file for notebook 05 (about 2.5 GB)")
     f.set_defaults(func=cmd_fetch)
 
     bt = sub.add_parser("build-tiny", help="train the tiny profile's UNet and VAE from scratch (about an hour)")
@@ -180,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "processes with --threads 1 each, then `finish` writes the manifest (default: all)")
     bt.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default: the shipped build's)")
     bt.add_argument("--unet-steps", type=int, default=None, help="UNet training steps (default: the shipped build's)")
+    bt.add_argument("--controlnet-steps", type=int, default=None,
+                    help="ControlNet-Union training steps (default: the shipped build's)")
     bt.set_defaults(func=cmd_build_tiny)
     return p
 

@@ -126,7 +126,9 @@ def test_unrecognised_controlnet_is_an_error(tiny, tmp_path):
     bogus = tmp_path / "controlnet.safetensors"
     save_file({"x": torch.zeros(2)}, str(bogus))
     with pytest.raises(models.ModelLoadError, match="ControlNet"):
-        models.load_pipeline(tiny, controlnets=[models.ControlNetSpec(str(bogus), "canny")])
+        models.load_pipeline(tiny, controlnet=str(bogus))
+    with pytest.raises(models.MissingWeightsError, match="no ControlNet file"):
+        models.load_pipeline(tiny, controlnet=str(tmp_path / "absent.safetensors"))
 
 
 def test_offload_memory_mode_runs_the_same_path_and_gives_the_same_image(tiny, tiny_pipe):

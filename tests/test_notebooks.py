@@ -151,3 +151,17 @@ def test_course_run_exports_valid_comfyui_workflows_and_the_condition_grid(cours
     for name in ("scene_01_api", "scene_01_controlnet_api", "scene_01", "scene_01_controlnet"):
         workflow = json.loads((step / "comfyui" / f"{name}.json").read_text(encoding="utf-8"))
         assert validate_workflow(workflow) == [], name
+
+
+@pytest.mark.notebook
+def test_course_run_steers_pictures_with_the_reference(course_run):
+    """Notebook 05's controlled pictures exist, and its summary records that they follow the
+    reference more closely at the highest strength than with the prompt alone."""
+    _, out = course_run
+    step = out / "05_control_and_comfyui"
+    assert (step / "controlled.png").stat().st_size > 1000
+    assert (step / "controlled_lora.png").stat().st_size > 1000       # notebook 03's LoRA, with the ControlNet
+    summary = json.loads((step / "summary.json").read_text(encoding="utf-8"))
+    canny = dict(kv.split(": ") for kv in summary["canny follows"].split(", "))
+    colour = dict(kv.split(": ") for kv in summary["colour follows"].split(", "))
+    assert float(canny["1"]) > float(canny["0"]) and float(colour["1"]) < float(colour["0"])

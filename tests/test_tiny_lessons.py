@@ -138,3 +138,30 @@ def test_the_lora_leaks_little_into_prompts_without_its_trigger(lora_sweep):
     index, leak, base_plain = lora_sweep
     gain = index[1.0] - index[0.0]
     assert leak - base_plain < 0.5 * gain, (leak, base_plain, index)
+
+
+# --- notebook 05: reference-image control on the tiny ControlNet-Union ------------------------------
+CONTROL_SEEDS = range(300, 308)    # not the seeds the build's own evaluation used
+
+
+@pytest.fixture(scope="module")
+def control(pipe):
+    from kolors_course.core.profiles import choose_profile
+    from kolors_course.models.loading import load_pipeline
+
+    cpipe = load_pipeline(choose_profile("tiny"), controlnet=True)
+    return E.evaluate_control(cpipe, seeds=CONTROL_SEEDS)
+
+
+def test_generated_edges_follow_the_canny_condition(control):
+    """Edge overlap (F1 of the picture's Canny edges against the reference's, 3-pixel tolerance):
+    at strength 1 at least twice that at strength 0 (the prompt alone, which does not say where)."""
+    c = control["canny"]
+    assert c["1"] >= 2 * c["0"] and c["1"] >= 0.35, c
+
+
+def test_the_colour_layout_follows_the_colour_condition(control):
+    """Mean RGB distance between the 8x8 colour grids of picture and condition: at strength 1 at
+    most half that at strength 0."""
+    c = control["colour"]
+    assert c["1"] <= 0.5 * c["0"], c

@@ -19,8 +19,11 @@ def quick_build(tmp_path_factory):
 
 def test_quick_build_writes_the_real_layout(quick_build):
     out, manifest = quick_build
-    for rel in (T.UNET_REL, T.VAE_REL):
+    for rel in (T.UNET_REL, T.VAE_REL, T.CONTROLNET_REL):
         assert (out / rel).is_file() and (out / rel).with_name("config.json").is_file()
+        assert str(rel) in manifest["files"]
+    assert manifest["controlnet"]["unet_sha256"] == T.sha256(out / T.UNET_REL)
+    assert set(manifest["judge"]["control"]["canny"]) == {"0", "1"}
     from safetensors import safe_open
 
     with safe_open(str(out / T.UNET_REL), "pt") as f:
@@ -121,11 +124,18 @@ def test_the_two_stages_can_run_apart_and_must_agree(tmp_path):
     """`--stage vae` and `--stage unet` as separate runs give the same files as one run; a UNet of
     another world is refused at `finish`."""
     out = tmp_path / "apart"
+    with pytest.raises(FileNotFoundError, match="'unet' stage"):
+        build_tiny(out, quick=True, seed=0, stages=("controlnet",))
     assert build_tiny(out, quick=True, seed=0, stages=("vae",)) is None
     assert build_tiny(out, quick=True, seed=0, stages=("unet",)) is None
+    assert build_tiny(out, quick=True, seed=0, stages=("controlnet",)) is None
     m = build_tiny(out, quick=True, seed=0, stages=("finish",), evaluate_result=False)
     one = build_tiny(tmp_path / "one", quick=True, seed=0, evaluate_result=False)
     assert {k: v["sha256"] for k, v in m["files"].items()} == {k: v["sha256"] for k, v in one["files"].items()}
+    # a UNet trained again (same world, other steps) leaves the ControlNet beside the old one: refused
+    build_tiny(out, quick=True, seed=0, unet_steps=3, stages=("unet",))
+    with pytest.raises(ValueError, match="another UNet"):
+        build_tiny(out, quick=True, seed=0, stages=("finish",), evaluate_result=False)
     build_tiny(out, quick=True, seed=1, stages=("unet",))
     with pytest.raises(ValueError, match="different settings"):
         build_tiny(out, quick=True, seed=0, stages=("finish",), evaluate_result=False)

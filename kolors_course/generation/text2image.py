@@ -50,10 +50,17 @@ def _check_size(height: int, width: int) -> None:
 
 def generate(pipe, prompt: str, negative_prompt: str = DEFAULT_NEGATIVE, seed: int = 0,
              cfg_scale: float | None = None, steps: int | None = None, height: int | None = None,
-             width: int | None = None, **pipe_kwargs):
+             width: int | None = None, control_image=None, control: str = "canny",
+             control_strength: float = 1.0, **pipe_kwargs):
     """One image.  Unset settings come from the profile the pipeline was loaded for.
 
     The same pipeline, prompt, seed and settings give the same image, bit for bit.
+
+    Reference-image control (a pipeline loaded with ``controlnet=True``): ``control_image`` is a
+    condition image (``kc.extract_condition(reference, control)``: white edges on black for
+    ``canny``, a colour grid for ``colour``...), fitted to the output size; ``control`` names it;
+    ``control_strength`` scales what the ControlNet adds to the UNet (0: none, the plain picture;
+    1: as trained; up to 2).
     """
     prof = kit_pipeline(pipe).profile
     cfg_scale = cfg_scale if cfg_scale is not None else prof.cfg_scale
@@ -65,9 +72,17 @@ def generate(pipe, prompt: str, negative_prompt: str = DEFAULT_NEGATIVE, seed: i
         raise ValueError(f"seed={seed!r}: use a non-negative integer")
     if steps < 1:
         raise ValueError(f"steps={steps}: use at least 1")
-    return pipe(prompt=prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale,
+    if "controlnet_image" in pipe_kwargs:
+        raise TypeError("pass the condition as control_image= (with control= and control_strength=); "
+                        "the kit hands it to DiffSynth")
+    call = dict(prompt=prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale,
                 num_inference_steps=steps, height=height, width=width, seed=seed,
                 progress_bar_cmd=inner_progress, **pipe_kwargs)
+    if control_image is None:
+        return pipe(**call)
+    from kolors_course.control.steer import controlled_call
+
+    return controlled_call(pipe, call, control_image, control, control_strength)
 
 
 def sweep(pipe, prompt: str, param: str, values: Iterable, negative_prompt: str = DEFAULT_NEGATIVE,

@@ -177,12 +177,13 @@ def _no_torch_dtype_notice():
 def _model_classes(profile: Profile) -> dict:
     if profile.model_source == "tiny":
         return tiny_models.diffsynth_classes()
+    from diffsynth.models.sdxl_controlnet import SDXLControlNetUnion
     from diffsynth.models.sdxl_unet import SDXLUNet
     from diffsynth.models.sdxl_vae_decoder import SDXLVAEDecoder
     from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
 
     return {"sdxl_unet": SDXLUNet, "sdxl_vae_encoder": SDXLVAEEncoder,
-            "sdxl_vae_decoder": SDXLVAEDecoder}
+            "sdxl_vae_decoder": SDXLVAEDecoder, "sdxl_controlnet": SDXLControlNetUnion}
 
 
 def load_model_manager(profile: Profile, device: str | None = None, dtype=None,
@@ -281,30 +282,92 @@ def _default_device(profile: Profile) -> str:
     return profile.device
 
 
-@dataclass
-class ControlNetSpec:
-    """A ControlNet to load with the pipeline (used by the reference-image lesson).
+#: the ControlNet-Union file the kolors profile downloads for ``load_pipeline(controlnet=True)``
+CONTROLNET_REPO, CONTROLNET_FILE = "AI-ModelScope/controlnet-union-sdxl-1.0", "diffusion_pytorch_model_promax.safetensors"
+CONTROLNET_DOWNLOAD_GB = 2.6
 
-    ``path`` is an SDXL ControlNet-Union file DiffSynth recognises;
-    ``processor_id`` one of canny, depth, softedge, lineart, lineart_anime,
-    openpose, tile, inpaint; ``scale`` its strength.
-    """
-    path: str
-    processor_id: str = "canny"
-    scale: float = 0.5
+
+def controlnet_file(profile: Profile) -> Path:
+    """Where the profile's SDXL ControlNet-Union file lives (same relative layout for both)."""
+    return profile.cache_path / tiny_models.CONTROLNET_REL
+
+
+def ensure_controlnet(profile: Profile, download: bool = True) -> Path:
+    """The profile's ControlNet-Union file: the tiny one installed with the tiny models, the
+    kolors one downloaded from ModelScope (about 2.5 GB) when missing."""
+    path = controlnet_file(profile)
+    if profile.model_source == "tiny":
+        ensure_weights(profile)
+        if not path.is_file():
+            raise MissingWeightsError(
+                f"the tiny weights in use ({tiny_models.weights_folder(profile.tiny_weights)}) have no ControlNet; "
+                "rebuild them with `kolors-course build-tiny` (its controlnet stage) or use the shipped ones")
+        return path
+    if path.is_file():
+        return path
+    fetch = f"kolors-course fetch --profile {profile.name} --controlnet --cache {profile.cache_path}"
+    if profile.model_source == "rehearsal" or not download:
+        raise MissingWeightsError(
+            f"the {profile.name} profile's ControlNet-Union is not at {path}. Fetch it (about "
+            f"{CONTROLNET_DOWNLOAD_GB:.1f} GB) with:\n  {fetch}\nor pass controlnet=<path to the promax file>.")
+    why = hub_unreachable()
+    if why:
+        raise MissingWeightsError(f"the ControlNet-Union is not at {path} and cannot be downloaded: {why}. "
+                                  f"When online: {fetch}")
+    free = shutil.disk_usage(profile.cache_path if profile.cache_path.exists() else Path.cwd()).free / 2**30
+    if free < CONTROLNET_DOWNLOAD_GB:
+        raise MissingWeightsError(f"not enough disk space for the ControlNet-Union: {free:.1f} GB free, "
+                                  f"{CONTROLNET_DOWNLOAD_GB:.1f} GB needed")
+    from modelscope import snapshot_download
+
+    snapshot_download(CONTROLNET_REPO, local_dir=str(profile.cache_path / CONTROLNET_REPO),
+                      allow_patterns=[CONTROLNET_FILE])
+    if not path.is_file():
+        raise MissingWeightsError(f"the download did not leave {path}; fetch it again with {fetch}")
+    return path
+
+
+def load_controlnet(mm, profile: Profile, path: Path, verbose: bool = False):
+    """Load an SDXL ControlNet-Union file into the model manager as the profile's class (the
+    real ``SDXLControlNetUnion`` on kolors, its tiny twin on tiny) and return the model."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = set(f.keys())
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); "
+                             "download it again") from None
+    if "task_embedding" not in stored:
+        # a single-task ControlNet: Kwai-Kolors' own Canny/Depth/Pose (diffusers ControlNetModel with
+        # a text projection) or an SDXL one; DiffSynth would load it with the union's layers missing
+        raise ModelLoadError(
+            f"{path} is not an SDXL ControlNet-Union (it has no union task embedding): a single-task "
+            "ControlNet such as Kwai-Kolors' own Canny/Depth/Pose. DiffSynth 1.1.9 runs only the union "
+            f"model with Kolors: use {CONTROLNET_REPO}/{CONTROLNET_FILE} here (controlnet=True), and "
+            "Kolors' own ControlNets in ComfyUI (notebook 05's workflows).")
+    classes = _model_classes(profile)
+    with _quiet(verbose), _load_errors(path, "ControlNet"):
+        mm.load_model_from_single_file(str(path), model_names=["sdxl_controlnet"],
+                                       model_classes=[classes["sdxl_controlnet"]], model_resource="diffusers")
+    if str(path) not in mm.model_path:
+        raise ModelLoadError(f"DiffSynth did not load the ControlNet {path}; it reads the SDXL "
+                             "ControlNet-Union (promax) layout only")
+    return mm.model[mm.model_path.index(str(path))]
 
 
 def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
-                  lora_scale: float | None = None, controlnets: list[ControlNetSpec] | None = None,
+                  lora_scale: float | None = None, controlnet: bool | str | os.PathLike | None = None,
                   device: str | None = None, download: bool = True, verbose: bool = False):
     """The Kolors pipeline for ``profile`` (a ``KitPipeline``), optionally with a LoRA fused in.
 
     ``lora_scale`` multiplies the training scale stored in the LoRA file
     (alpha / rank): 1.0 means "as trained", 0 means "off".
+    ``controlnet``: ``True`` loads the profile's SDXL ControlNet-Union (tiny: the kit's trained
+    one; kolors: downloaded once, about 2.5 GB), a path loads that union file; then
+    ``kc.generate(..., control_image=, control=, control_strength=)`` steers the picture.
     """
     t0 = time.perf_counter()        # before the imports: a learner waits for those too
-    from diffsynth.controlnets import ControlNetConfigUnit
-
     from kolors_course.core.profiles import choose_memory_mode
 
     device = device or _default_device(profile)
@@ -312,15 +375,23 @@ def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
     storage = "cpu" if mode == "offload" else device
     mm = load_model_manager(profile, device=storage, download=download, verbose=verbose,
                             storage_only=mode == "offload")
-    units = []
-    for spec in controlnets or []:
-        with _quiet(verbose), _load_errors(Path(spec.path), "ControlNet"):
-            mm.load_model(spec.path)
-        if spec.path not in mm.model_path:
-            raise ModelLoadError(f"DiffSynth did not recognise the ControlNet {spec.path}; "
-                                 "it loads the SDXL ControlNet-Union (promax) file only")
-        units.append(ControlNetConfigUnit(spec.processor_id, spec.path, spec.scale))
-    kit = assemble(mm, profile, device, mode, units, verbose)
+    cn_model = cn_path = None
+    if controlnet is not None and controlnet is not False:
+        if controlnet is True:
+            cn_path = ensure_controlnet(profile, download=download)
+        else:
+            from kolors_course.core.paths import project_path
+
+            cn_path = project_path(controlnet)
+            if not cn_path.is_file():
+                raise MissingWeightsError(f"no ControlNet file at {cn_path}; pass controlnet=True for the "
+                                          "profile's own, or the path of an SDXL ControlNet-Union (promax) file")
+        cn_model = load_controlnet(mm, profile, cn_path, verbose)
+    kit = assemble(mm, profile, device, mode, (), verbose)
+    if cn_model is not None:
+        from kolors_course.models.pipeline import LoadedControlNet
+
+        kit.controlnet_model = LoadedControlNet(cn_model, str(cn_path))
     if lora is not None:
         from kolors_course.lora.files import fuse_lora
 

@@ -117,6 +117,15 @@ def kit_pipeline(pipe) -> "KitPipeline":
 
 
 @dataclass
+class LoadedControlNet:
+    """The ControlNet-Union loaded with the pipeline (``load_pipeline(controlnet=...)``): its
+    model and file.  ``kc.generate`` gives it to DiffSynth for one call at a time, with that
+    call's condition and strength, so a pipeline without a control image runs as before."""
+    model: object
+    path: str
+
+
+@dataclass
 class FusedLoRA:
     """The LoRA the UNet holds now: its file, its strength (1.0 = as trained), and
     whether it was fused by ``load_pipeline(lora=...)`` (then for good)."""
@@ -135,10 +144,11 @@ class KitPipeline:
     ``load_seconds``   how long ``load_pipeline`` took, imports included
     ``lora``           the fused LoRA (a ``FusedLoRA``) or None
     ``base_weights``   the UNet weights a LoRA replaced, kept by ``set_lora_scale``
+    ``controlnet_model`` the ControlNet-Union loaded with it (a ``LoadedControlNet``) or None
     """
 
     _OWN = ("diffsynth", "profile", "model_manager", "memory_mode", "load_seconds", "lora", "base_weights",
-            "base_weights_for")
+            "base_weights_for", "controlnet_model")
 
     def __init__(self, diffsynth, profile, model_manager, memory_mode: str = "full"):
         self.diffsynth = diffsynth
@@ -149,6 +159,7 @@ class KitPipeline:
         self.lora: FusedLoRA | None = None
         self.base_weights: dict | None = None
         self.base_weights_for: str | None = None
+        self.controlnet_model: LoadedControlNet | None = None
 
     # -- running -------------------------------------------------------------------
     def __call__(self, **kwargs):
@@ -219,5 +230,6 @@ class KitPipeline:
 
     def __repr__(self) -> str:
         lora = f", LoRA {os.path.basename(self.lora.path)} at {self.lora.scale}" if self.lora else ""
+        cn = ", ControlNet-Union" if self.controlnet_model else ""
         return (f"KitPipeline(profile {self.profile.name}, {self.memory_mode} memory mode, "
-                f"device {self.diffsynth.device}{lora})")
+                f"device {self.diffsynth.device}{lora}{cn})")

@@ -31,11 +31,13 @@ KOLORS_TEXT_ENCODER_CONFIG = dict(
 
 
 def random_pipeline(profile, sizes: str = "kolors", device: str | None = None, dtype=None,
-                    folder: str | os.PathLike | None = None):
+                    folder: str | os.PathLike | None = None, controlnet: bool = False):
     """The Kolors pipeline with random weights: Kolors-sized (``sizes="kolors"``) or tiny.
 
     Memory and speed do not depend on the weights' values, so this measures what
     a learner's GPU needs without downloading 18 GB.  Images are noise.
+    ``controlnet``: also a random SDXL ControlNet-Union (1.26 B parameters at Kolors size), as
+    ``load_pipeline(controlnet=True)`` would hold it.
     """
     import tempfile
 
@@ -52,18 +54,22 @@ def random_pipeline(profile, sizes: str = "kolors", device: str | None = None, d
         from diffsynth.models.sdxl_vae_decoder import SDXLVAEDecoder
         from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
 
+        from diffsynth.models.sdxl_controlnet import SDXLControlNetUnion
+
         classes = {"sdxl_unet": lambda: SDXLUNet(is_kolors=True), "sdxl_vae_encoder": SDXLVAEEncoder,
-                   "sdxl_vae_decoder": SDXLVAEDecoder}
+                   "sdxl_vae_decoder": SDXLVAEDecoder, "sdxl_controlnet": SDXLControlNetUnion}
         unet_cfg, te_cfg = KOLORS_UNET_CONFIG, KOLORS_TEXT_ENCODER_CONFIG
     elif sizes == "tiny":
         tiny = tiny_models.diffsynth_classes()
         classes = {"sdxl_unet": tiny["sdxl_unet"], "sdxl_vae_encoder": tiny["sdxl_vae_encoder"],
-                   "sdxl_vae_decoder": tiny["sdxl_vae_decoder"]}
+                   "sdxl_vae_decoder": tiny["sdxl_vae_decoder"], "sdxl_controlnet": tiny["sdxl_controlnet"]}
         unet_cfg = {"_class_name": "UNet2DConditionModel", **tiny_models.unet_diffusers_config()}
         te_cfg = {k: v for k, v in tiny_models.text_encoder_config().items()
                   if k not in ("architectures", "model_type", "torch_dtype")}
     else:
         raise ValueError("sizes must be 'kolors' or 'tiny'")
+    if not controlnet:
+        classes.pop("sdxl_controlnet")
     (folder / "unet" / "config.json").write_text(json.dumps(unet_cfg, default=list))
     mm = ModelManager(torch_dtype=dtype, device=device)
     # built directly in the target dtype and device (a 6B text encoder in fp32 would not fit),
@@ -98,4 +104,10 @@ def random_pipeline(profile, sizes: str = "kolors", device: str | None = None, d
             model.to("cpu")
         if device != "cpu":
             torch.cuda.empty_cache()
-    return assemble(mm, profile, device, mode)
+    kit = assemble(mm, profile, device, mode)
+    if controlnet:
+        from kolors_course.models.pipeline import LoadedControlNet
+
+        kit.controlnet_model = LoadedControlNet(mm.model[mm.model_name.index("sdxl_controlnet")],
+                                                str(folder / "sdxl_controlnet"))
+    return kit

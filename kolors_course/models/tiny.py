@@ -48,6 +48,11 @@ RANDOM_FORMAT_VERSION = 1   # a cache of the seeded random weights (build_tiny_m
 UNET_REL = Path("Kwai-Kolors/Kolors/unet/diffusion_pytorch_model.safetensors")
 TEXT_ENCODER_REL = Path("Kwai-Kolors/Kolors/text_encoder")
 VAE_REL = Path("AI-ModelScope/sdxl-vae-fp16-fix/diffusion_pytorch_model.safetensors")
+#: the SDXL ControlNet-Union ("promax") file, where DiffSynth's own model list puts it on ModelScope
+CONTROLNET_REL = Path("AI-ModelScope/controlnet-union-sdxl-1.0/diffusion_pytorch_model_promax.safetensors")
+#: ControlNetConditioningLayer widths (SDXL union: 3, 16, 32, 96, 256, 320): three stride-2 convs
+#: take the 128-pixel condition to the 16x16 latent grid
+COND_CH = (3, 8, 16, 32, 32)
 
 
 # --- DiffSynth classes of tiny size --------------------------------------------
@@ -169,11 +174,70 @@ def _vae_classes():
     return TinySDXLVAEEncoder, TinySDXLVAEDecoder
 
 
+def _controlnet_class():
+    from diffsynth.models.sd_controlnet import ControlNetConditioningLayer
+    from diffsynth.models.sd_unet import AttentionBlock, DownSampler, PushBlock, Timesteps
+    from diffsynth.models.sd_unet import ResnetBlock as _Res
+    from diffsynth.models.sdxl_controlnet import ResidualAttentionBlock, SDXLControlNetUnion
+
+    class TinySDXLControlNetUnion(SDXLControlNetUnion):
+        """SDXLControlNetUnion with the tiny UNet's widths: the same forward (DiffSynth's own, with
+        its Kolors branches), the same eight control types, the UNet's down and mid blocks."""
+
+        def __init__(self, global_pool: bool = False):
+            torch.nn.Module.__init__(self)
+            c0, c1, c2 = CH
+            temb = c0 * 4
+
+            def attn(ch):
+                return AttentionBlock(HEADS, ch // HEADS, ch, 1, CROSS_DIM, norm_num_groups=NORM_GROUPS)
+
+            def ResnetBlock(i, o, t=None, eps=1e-5):      # noqa: N802 - DiffSynth's block, our group count
+                return _Res(i, o, t, groups=NORM_GROUPS, eps=eps)
+
+            self.time_proj = Timesteps(c0)
+            self.time_embedding = torch.nn.Sequential(
+                torch.nn.Linear(c0, temb), torch.nn.SiLU(), torch.nn.Linear(temb, temb))
+            self.add_time_proj = Timesteps(ADD_TIME_DIM)
+            # unused with Kolors (the forward borrows the Kolors UNet's), present as in the real file
+            self.add_time_embedding = torch.nn.Sequential(
+                torch.nn.Linear(TEXT_DIM + 6 * ADD_TIME_DIM, temb), torch.nn.SiLU(),
+                torch.nn.Linear(temb, temb))
+            self.control_type_proj = Timesteps(ADD_TIME_DIM)
+            self.control_type_embedding = torch.nn.Sequential(
+                torch.nn.Linear(ADD_TIME_DIM * 8, temb), torch.nn.SiLU(), torch.nn.Linear(temb, temb))
+            self.conv_in = torch.nn.Conv2d(4, c0, kernel_size=3, padding=1)
+            self.controlnet_conv_in = ControlNetConditioningLayer(channels=COND_CH + (c0,))
+            self.controlnet_transformer = ResidualAttentionBlock(c0, HEADS)
+            self.task_embedding = torch.nn.Parameter(torch.randn(8, c0))
+            self.spatial_ch_projs = torch.nn.Linear(c0, c0)
+            self.blocks = torch.nn.ModuleList([
+                ResnetBlock(c0, c0, temb), PushBlock(),
+                ResnetBlock(c0, c0, temb), PushBlock(),
+                DownSampler(c0), PushBlock(),
+                ResnetBlock(c0, c1, temb), attn(c1), PushBlock(),
+                ResnetBlock(c1, c1, temb), attn(c1), PushBlock(),
+                DownSampler(c1), PushBlock(),
+                ResnetBlock(c1, c2, temb), attn(c2), PushBlock(),
+                ResnetBlock(c2, c2, temb), attn(c2), PushBlock(),
+                ResnetBlock(c2, c2, temb), attn(c2), ResnetBlock(c2, c2, temb), PushBlock(),
+            ])
+            widths = (c0, c0, c0, c0, c1, c1, c1, c2, c2, c2)
+            self.controlnet_blocks = torch.nn.ModuleList([torch.nn.Conv2d(w, w, kernel_size=(1, 1)) for w in widths])
+            self.global_pool = global_pool
+            # the union's control types, as SDXLControlNetUnion numbers them (its __init__ sets them)
+            self.task_id = {"openpose": 0, "depth": 1, "softedge": 2, "canny": 3, "lineart": 3,
+                            "lineart_anime": 3, "tile": 6, "inpaint": 7}
+
+    return TinySDXLControlNetUnion
+
+
 def diffsynth_classes() -> dict:
     """Model classes for the tiny profile, keyed by DiffSynth's model names."""
     unet = _unet_classes()
     enc, dec = _vae_classes()
-    return {"sdxl_unet": unet, "sdxl_vae_encoder": enc, "sdxl_vae_decoder": dec}
+    return {"sdxl_unet": unet, "sdxl_vae_encoder": enc, "sdxl_vae_decoder": dec,
+            "sdxl_controlnet": _controlnet_class()}
 
 
 # --- the on-disk files, in the real (diffusers / Hugging Face) formats ---------
@@ -197,6 +261,21 @@ def vae_diffusers_config() -> dict:
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=VAE_CH, norm_num_groups=NORM_GROUPS, sample_size=IMAGE_SIZE, scaling_factor=0.13025,
+    )
+
+
+def controlnet_diffusers_config() -> dict:
+    """The ControlNet-Union config (diffusers ``ControlNetUnionModel``, xinsir's "promax" layout),
+    shrunk to the tiny UNet's widths."""
+    return dict(
+        in_channels=4, conditioning_channels=3,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        block_out_channels=CH, layers_per_block=2, transformer_layers_per_block=1,
+        attention_head_dim=HEADS, use_linear_projection=True, cross_attention_dim=CROSS_DIM,
+        addition_embed_type="text_time", addition_time_embed_dim=ADD_TIME_DIM,
+        projection_class_embeddings_input_dim=TEXT_DIM + 6 * ADD_TIME_DIM, norm_num_groups=NORM_GROUPS,
+        conditioning_embedding_out_channels=COND_CH[1:], num_control_type=8, num_trans_channel=CH[0],
+        num_trans_head=HEADS, num_trans_layer=1, num_proj_channel=CH[0],
     )
 
 
@@ -270,8 +349,10 @@ def write_text_encoder(root: Path) -> Path:
 
 # --- DiffSynth state dicts <-> the diffusers files --------------------------------------
 def _diffusers_model(kind: str):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, ControlNetUnionModel, UNet2DConditionModel
 
+    if kind == "controlnet":
+        return ControlNetUnionModel(**controlnet_diffusers_config())
     return UNet2DConditionModel(**unet_diffusers_config()) if kind == "unet" else AutoencoderKL(**vae_diffusers_config())
 
 
@@ -335,13 +416,24 @@ def write_vae(encoder_state: dict, decoder_state: dict, root: Path, dtype=torch.
     return path
 
 
+def write_controlnet(state: dict, root: Path, dtype=torch.float32) -> Path:
+    """The DiffSynth ControlNet-Union ``state`` as a diffusers ``ControlNetUnionModel`` file (the
+    layout of xinsir's promax file, which DiffSynth's converter reads) plus config.json."""
+    path = Path(root) / CONTROLNET_REL
+    sd = diffusers_state("controlnet", {"sdxl_controlnet": state})
+    _save_safetensors({k: v.to(dtype) for k, v in sd.items()}, path)
+    cfg = dict(_diffusers_model("controlnet").config)
+    path.with_name("config.json").write_text(json.dumps(_jsonable(cfg), indent=2))
+    return path
+
+
 def load_diffsynth_state(kind: str, path: Path) -> dict:
     """A diffusers file back into DiffSynth modules' state dicts (as ``load_pipeline`` reads it)."""
     from safetensors.torch import load_file
 
     sd = {k: v.float() for k, v in load_file(str(path)).items()}
     classes = diffsynth_classes()
-    parts = ["sdxl_unet"] if kind == "unet" else ["sdxl_vae_encoder", "sdxl_vae_decoder"]
+    parts = {"unet": ["sdxl_unet"], "controlnet": ["sdxl_controlnet"]}.get(kind, ["sdxl_vae_encoder", "sdxl_vae_decoder"])
     out = {}
     for part in parts:
         conv = classes[part].state_dict_converter().from_diffusers(sd)
@@ -457,7 +549,8 @@ def build_random_tiny_models(cache_dir: str | os.PathLike, force: bool = False) 
 def install_trained_models(cache_dir: str | os.PathLike, weights: Path, force: bool = False) -> Path:
     """Put trained tiny model files (a ``build_tiny`` output folder, ``weights``) under ``cache_dir``.
 
-    The trained UNet and VAE (with their config.json) are copied after their SHA-256 is checked
+    The trained UNet and VAE (and ControlNet-Union, where built) with their config.json are copied
+    after their SHA-256 is checked
     against the folder's manifest; the text encoder is rebuilt from its seed.
     """
     cache_dir, weights = Path(cache_dir), Path(weights)
@@ -467,11 +560,10 @@ def install_trained_models(cache_dir: str | os.PathLike, weights: Path, force: b
         return cache_dir      # a rebuilt or updated kit has other hashes, and refreshes the cache
 
     def fill(folder: Path) -> None:
-        for rel in (UNET_REL, VAE_REL):
-            for src in (weights / rel, (weights / rel).with_name("config.json")):
-                dst = folder / src.relative_to(weights)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
+        for rel in manifest["files"]:         # UNet, VAE (and ControlNet), each with its config.json
+            dst = folder / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(weights / rel, dst)
 
     return _write_cache(cache_dir, fill, {
         "format_version": FORMAT_VERSION,

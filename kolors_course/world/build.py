@@ -35,11 +35,11 @@ from kolors_course.world.train_vae import CellStats, VAEConfig, encoder_error, f
 #: VAE on whole pictures: trained on crops it drew colour casts and border artefacts on whole
 #: 128-pixel pictures (its GroupNorms see other statistics); the UNet learns fast, the VAE slowly.
 DEFAULTS = dict(n_scenes=2500, captions_per_scene=3, vae_images=2500, vae_steps=800, vae_crop=128,
-                unet_steps=5000, unet_batch=32, vae_batch=8)
+                unet_steps=5000, unet_batch=32, vae_batch=8, controlnet_steps=2000, controlnet_batch=32)
 #: the UNet's training recipe beyond the loop's defaults (see UNetConfig for why each is there)
 UNET_RECIPE = dict(offset_noise=0.3, high_t_fraction=0.3, high_t_start=0.6, x0_weight_cap=100.0)
 QUICK = dict(n_scenes=48, captions_per_scene=2, vae_images=48, vae_steps=30, vae_crop=32, unet_steps=20,
-             unet_batch=8, vae_batch=4)
+             unet_batch=8, vae_batch=4, controlnet_steps=6, controlnet_batch=4)
 
 
 def _logger(path: Path | None):
@@ -54,7 +54,8 @@ def _logger(path: Path | None):
     return log
 
 
-STAGES = ("vae", "unet", "finish")
+STAGES = ("vae", "unet", "controlnet", "finish")
+#: the stages ``finish`` needs; the ControlNet (trained beside the finished UNet) is optional
 #: what both stages must share: the same world (pictures, captions, latent stats) and file format
 WORLD_SETTINGS = ("n_scenes", "captions_per_scene", "seed", "quick", "dtype")
 
@@ -77,6 +78,7 @@ def _world(knobs: dict, seed: int, size: int, quick: bool):
 
 
 def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps: int | None = None,
+               controlnet_steps: int | None = None,
                threads: int = 1, quick: bool = False, n_scenes: int | None = None,
                captions_per_scene: int | None = None, vae_images: int | None = None,
                unet_batch: int | None = None, vae_batch: int | None = None,
@@ -88,7 +90,8 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
     The stages are independent until ``finish``: the UNet trains on latents that are a fixed
     function of the pictures (``train_vae``), so ``stages=("vae",)`` and ``stages=("unet",)`` can
     run as two processes side by side (one core each), and ``stages=("finish",)`` then writes the
-    manifest; each stage leaves its record in ``out_dir/parts/``.  Same seed, settings, thread
+    manifest; each stage leaves its record in ``out_dir/parts/``.  ``controlnet`` trains the
+    ControlNet-Union beside the UNet the ``unet`` stage wrote (so after it).  Same seed, settings, thread
     count and torch: same bytes, whichever way it is run.
     """
     t_start = time.perf_counter()
@@ -100,7 +103,7 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
     try:
         knobs = _knobs(quick, dict(n_scenes=n_scenes, captions_per_scene=captions_per_scene, vae_images=vae_images,
                                    vae_steps=vae_steps, unet_steps=unet_steps, unet_batch=unet_batch,
-                                   vae_batch=vae_batch))
+                                   vae_batch=vae_batch, controlnet_steps=controlnet_steps))
         settings = {**knobs, "seed": seed, "threads": threads, "quick": quick, "unet_lr": unet_lr,
                     "vae_lr": vae_lr, "dtype": dtype}
         out_dir = Path(out_dir)
@@ -108,7 +111,7 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
         parts.mkdir(parents=True, exist_ok=True)
         log = _logger(Path(log_file) if log_file else None)
         log(f"build_tiny: stages {list(stages)}, seed {seed}, threads {threads}, {knobs}")
-        if "vae" in stages or "unet" in stages:
+        if {"vae", "unet", "controlnet"} & set(stages):
             import kolors_course.models.tiny as T
 
             t0 = time.perf_counter()
@@ -122,6 +125,8 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
             if "unet" in stages:
                 _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, unet_lr, dtype,
                             command, log)
+            if "controlnet" in stages:
+                _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, dtype, command, log)
         if "finish" not in stages:
             return None
         return _finish(out_dir, settings, command, eval_seeds, evaluate_result, quick, log, t_start)
@@ -160,15 +165,11 @@ def _vae_stage(out_dir, pixels, held_pixels, stats, knobs, settings, seed, quick
 def _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, unet_lr, dtype, command, log):
     """Train the UNet on the cell latents and the cached captions and write it (parts/unet.json)."""
     import kolors_course.models.tiny as T
-    from diffsynth.prompters import KolorsPrompter
 
     t0 = time.perf_counter()
     latents = target_latents(pixels, stats)
-    prompter = KolorsPrompter()
-    prompter.fetch_models(T.text_encoder_module())
-    index, hidden, pooled = encode_captions(prompter, [c for cs in captions for c in cs], log=log)
-    rows = [[index[c] for c in cs] for cs in captions]
-    log(f"latents {tuple(latents.shape)}; {len(index)} distinct captions encoded in {time.perf_counter() - t0:.0f} s")
+    rows, hidden, pooled, n_captions, _ = _encoded_captions(captions, log)
+    log(f"latents {tuple(latents.shape)}; {n_captions} distinct captions encoded in {time.perf_counter() - t0:.0f} s")
     torch.manual_seed(seed + 1)
     unet = T.diffsynth_classes()["sdxl_unet"]()
     cfg = UNetConfig(steps=knobs["unet_steps"], batch_size=knobs["unet_batch"], learning_rate=unet_lr, seed=seed,
@@ -180,8 +181,56 @@ def _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, 
     T.write_unet(run["ema"].state_dict(), out_dir, dtype=getattr(torch, dtype))
     _write_part(out_dir, "unet", settings, command, {
         "seconds": run["seconds"], "config": {**asdict(cfg), "adam_betas": list(cfg.adam_betas)},
-        "parameters": sum(p.numel() for p in unet.parameters()), "distinct_captions": len(index),
+        "parameters": sum(p.numel() for p in unet.parameters()), "distinct_captions": n_captions,
         "losses": {"unet_first": _head(run["losses"], 20), "unet_final": _tail(run["losses"], 100)}})
+
+
+def _encoded_captions(captions, log, extra=()):
+    """Every distinct caption (and ``extra`` texts) through the frozen tiny ChatGLM, as the pipeline's
+    prompter encodes it.  Returns the rows of each picture's captions, the embeddings, the number of
+    distinct captions and ``{text: row}`` for ``extra``."""
+    import kolors_course.models.tiny as T
+    from diffsynth.prompters import KolorsPrompter
+
+    prompter = KolorsPrompter()
+    prompter.fetch_models(T.text_encoder_module())
+    index, hidden, pooled = encode_captions(prompter, [c for cs in captions for c in cs] + list(extra), log=log)
+    return [[index[c] for c in cs] for cs in captions], hidden, pooled, len(index), {t: index[t] for t in extra}
+
+
+def _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, dtype, command, log):
+    """Train the ControlNet-Union beside the UNet in ``out_dir`` and write it (parts/controlnet.json)."""
+    import kolors_course.models.tiny as T
+    from kolors_course.world.train_controlnet import ControlNetConfig, controlnet_from_unet, train_controlnet, \
+        world_conditions
+
+    unet_path = out_dir / T.UNET_REL
+    if not (out_dir / "parts" / "unet.json").is_file() or not unet_path.is_file():
+        raise FileNotFoundError(f"the controlnet stage trains beside a finished UNet: run the 'unet' stage into "
+                                f"{out_dir} first")
+    t0 = time.perf_counter()
+    classes = T.diffsynth_classes()
+    unet = classes["sdxl_unet"]()
+    unet.load_state_dict(T.load_diffsynth_state("unet", unet_path)["sdxl_unet"])
+    latents = target_latents(pixels, stats)
+    conds = world_conditions(pixels)
+    rows, hidden, pooled, n_captions, extra = _encoded_captions(captions, log, extra=("",))
+    log(f"controlnet: {len(pixels)} pictures with their canny and colour conditions, {n_captions} captions "
+        f"({time.perf_counter() - t0:.0f} s)")
+    cn, shared = controlnet_from_unet(unet, classes["sdxl_controlnet"], seed=seed + 2)
+    cfg = ControlNetConfig(steps=knobs["controlnet_steps"], batch_size=knobs["controlnet_batch"], seed=seed,
+                           log_every=50 if not quick else 2, warmup_steps=50 if not quick else 1,
+                           ema_decay=0.995 if not quick else 0.5)
+    run = train_controlnet(cn, unet, latents, conds, rows, hidden, pooled, cfg, empty_row=extra[""],
+                           scheduler=kolors_scheduler(), log=log)
+    if (out_dir / T.CONTROLNET_REL).parent.exists():
+        shutil.rmtree((out_dir / T.CONTROLNET_REL).parent)
+    T.write_controlnet(run["ema"].state_dict(), out_dir, dtype=getattr(torch, dtype))
+    _write_part(out_dir, "controlnet", settings, command, {
+        "seconds": run["seconds"], "config": run["config"], "unet_sha256": T.sha256(unet_path),
+        "parameters": sum(p.numel() for p in cn.parameters()), "copied_from_unet": len(shared),
+        "losses": {f"controlnet_{k}_first": _head(v, 10) for k, v in run["losses"].items()}
+        | {f"controlnet_{k}_final": _tail(v, 50) for k, v in run["losses"].items()}})
 
 
 def _head(xs, k):
@@ -214,15 +263,25 @@ def _finish(out_dir: Path, settings: dict, command, eval_seeds, evaluate_result,
     if differ:
         raise ValueError(f"the VAE and UNet in {out_dir} were built with different settings ({differ}); "
                          "rebuild one of them with the other's")
+    rels = [T.UNET_REL, T.VAE_REL]
+    cn_path = out_dir / "parts" / "controlnet.json"
+    if cn_path.is_file():
+        parts["controlnet"] = json.loads(cn_path.read_text())
+        c = parts["controlnet"]["settings"]
+        differ = sorted(k for k in WORLD_SETTINGS if b.get(k) != c.get(k))
+        if differ or parts["controlnet"]["unet_sha256"] != T.sha256(out_dir / T.UNET_REL):
+            raise ValueError(f"the ControlNet in {out_dir} was trained beside another UNet or world "
+                             f"({differ or 'the UNet file changed'}); run the controlnet stage again")
+        rels.append(T.CONTROLNET_REL)
     files = {}
-    for rel in (T.UNET_REL, T.VAE_REL):
+    for rel in rels:
         for p in (out_dir / rel, (out_dir / rel).with_name("config.json")):
             files[str(p.relative_to(out_dir))] = {"sha256": T.sha256(p), "bytes": p.stat().st_size}
     manifest = {
-        "what": "tiny Kolors-architecture UNet and VAE trained on kolors_course.world (text encoder: random, "
-                "rebuilt from its seed by kolors_course.models.tiny)",
-        "command": parts["unet"]["command"] if parts["unet"]["command"] == parts["vae"]["command"] else
-        {"vae": parts["vae"]["command"], "unet": parts["unet"]["command"], "finish": command},
+        "what": "tiny Kolors-architecture UNet and VAE (and SDXL ControlNet-Union, canny and colour) trained on "
+                "kolors_course.world (text encoder: random, rebuilt from its seed by kolors_course.models.tiny)",
+        "command": parts["unet"]["command"] if len({part["command"] for part in parts.values()}) == 1 else
+        {**{name: part["command"] for name, part in parts.items()}, "finish": command},
         "seed": a["seed"], "threads": {"vae": a["threads"], "unet": b["threads"]}, "quick": a["quick"],
         "dtype": a["dtype"],
         "settings": {**{k: v for k, v in a.items() if k != "threads" and not k.startswith("unet")},
@@ -231,11 +290,13 @@ def _finish(out_dir: Path, settings: dict, command, eval_seeds, evaluate_result,
                      "unet_parameters": parts["unet"]["parameters"], "vae_parameters": parts["vae"]["parameters"],
                      "vae": parts["vae"]["config"], "unet": parts["unet"]["config"]},
         "cell_stats": parts["vae"]["cell_stats"],
+        "controlnet": None if "controlnet" not in parts else {
+            k: parts["controlnet"][k] for k in ("config", "parameters", "copied_from_unet", "unet_sha256")},
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "diffsynth": _version("diffsynth"), "numpy": _version("numpy"), "pillow": _version("pillow")},
         # means over the first 20 and the last 50 (VAE) / 100 (UNet) steps; a quarter of a short run
-        "losses": {**parts["vae"]["losses"], **parts["unet"]["losses"]},
-        "seconds": {"vae": parts["vae"]["seconds"], "unet": parts["unet"]["seconds"]},
+        "losses": {k: v for part in parts.values() for k, v in part["losses"].items()},
+        "seconds": {name: part["seconds"] for name, part in parts.items()},
         "files": files,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
@@ -268,7 +329,7 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def pipeline_from(weights_dir, cache_dir=None):
+def pipeline_from(weights_dir, cache_dir=None, controlnet: bool = False):
     """A ``kc.load_pipeline`` pipeline of the tiny profile over the weights in ``weights_dir``."""
     import kolors_course.models.tiny as T
     from kolors_course.core.profiles import TINY
@@ -278,7 +339,7 @@ def pipeline_from(weights_dir, cache_dir=None):
     saved = os.environ.pop("KOLORS_COURSE_CACHE", None)      # it would override the profile's folder
     try:
         return load_pipeline(TINY.with_(cache_dir=str(cache_dir.resolve()), tiny_weights=str(Path(weights_dir).resolve()),
-                                        height=T.IMAGE_SIZE, width=T.IMAGE_SIZE, steps=20))
+                                        height=T.IMAGE_SIZE, width=T.IMAGE_SIZE, steps=20), controlnet=controlnet)
     finally:
         if saved is not None:
             os.environ["KOLORS_COURSE_CACHE"] = saved
@@ -286,6 +347,7 @@ def pipeline_from(weights_dir, cache_dir=None):
 
 def judge_numbers(weights_dir, eval_seeds: int = 16, quick: bool = False, log=print) -> dict:
     """The judge on clean renders and on VAE round trips, and a short ``evaluate`` of the models."""
+    import kolors_course.models.tiny as T
     from kolors_course.world import judge as J
     from kolors_course.world.evaluate import evaluate, summary_lines
 
@@ -307,6 +369,12 @@ def judge_numbers(weights_dir, eval_seeds: int = 16, quick: bool = False, log=pr
                                    negative_colours=("红色",) if quick else ("红色", "蓝色"), parts=False)
         for line in summary_lines(out["evaluate"]):
             log(line)
+        if (Path(weights_dir) / T.CONTROLNET_REL).is_file():
+            from kolors_course.world.evaluate import evaluate_control
+
+            cpipe = pipeline_from(weights_dir, Path(tmp) / "cache", controlnet=True)
+            out["control"] = evaluate_control(cpipe, seeds=seeds, steps=2 if quick else 20)
+            log(f"control: {out['control']}")
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -328,9 +396,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int)
     ap.add_argument("--unet-steps", type=int)
+    ap.add_argument("--controlnet-steps", type=int)
+    ap.add_argument("--stage", action="append", choices=STAGES)
     ap.add_argument("--log-file")
     a = ap.parse_args(argv)
-    build_tiny(a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps, threads=a.threads,
+    build_tiny(a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
+               controlnet_steps=a.controlnet_steps, stages=tuple(a.stage or STAGES), threads=a.threads,
                quick=a.quick, log_file=a.log_file, command=" ".join(["python -m kolors_course.world.build"] + sys.argv[1:]))
     return 0
 

@@ -183,3 +183,53 @@ def summary_lines(m: dict) -> list[str]:
         lines.append(f"part {part}: {r['judged']} right {r['accuracy']:.0%} (chance {r['chance']:.0%}), "
                      f"mean pixel change {r['mean_pixel_change']:.1f}")
     return lines
+
+
+#: the control lesson's scenes: flat, no painter, so the reference's edges are only the outline
+def control_scenes(seeds) -> list:
+    out = []
+    for s in seeds:
+        rng = random.Random(f"control:{s}")
+        scene = W.random_scene(rng)
+        out.append(W.Scene(shape=scene.shape, colour=scene.colour, background=scene.background,
+                           size=scene.size, position=scene.position))
+    return out
+
+
+def evaluate_control(pipe, seeds=range(16), strengths=(0.0, 1.0), steps: int = EVAL_STEPS,
+                     cfg_scale: float = EVAL_CFG, size: int = EVAL_SIZE, colour_cells: int = 8) -> dict:
+    """How closely generated pictures follow a reference's canny edges and colour layout.
+
+    For each seed a world scene is drawn as the reference; its prompt names the shape, its colour
+    and the background, not its size or place, which only the reference gives.  At each strength:
+    ``canny`` is the mean ``edge_overlap`` (F1, 3-pixel tolerance) of the pictures against the
+    reference's canny map, ``colour`` the mean ``colour_layout_error`` against its colour grid.
+    """
+    from kolors_course.control.conditions import canny, colour
+    from kolors_course.control.measure import colour_layout_error, edge_overlap
+    from kolors_course.generation.text2image import DEFAULT_NEGATIVE, generate
+
+    seeds = list(seeds)
+    out = {"canny": {}, "colour": {}, "seeds": seeds, "steps": steps, "cfg_scale": cfg_scale,
+           "colour_cells": colour_cells, "prompts": []}
+    refs = [W.render(sc, size=size, seed=s) for sc, s in zip(control_scenes(seeds), seeds)]
+    prompts = [W.prompt_for(sc) for sc in control_scenes(seeds)]
+    out["prompts"] = prompts
+    for strength in strengths:
+        f1, err = [], []
+        for s, ref, prompt in zip(seeds, refs, prompts):
+            edges, grid = canny(ref), colour(ref, colour_cells)
+            common = dict(negative_prompt=DEFAULT_NEGATIVE, seed=s, cfg_scale=cfg_scale, steps=steps,
+                          height=size, width=size)
+            if strength == 0:        # the plain picture, the same for both conditions
+                by_edges = by_colour = generate(pipe, prompt, **common)
+            else:
+                by_edges = generate(pipe, prompt, control_image=edges, control="canny", control_strength=strength,
+                                    **common)
+                by_colour = generate(pipe, prompt, control_image=grid, control="colour", control_strength=strength,
+                                     **common)
+            f1.append(edge_overlap(by_edges, edges))
+            err.append(colour_layout_error(by_colour, grid, colour_cells))
+        out["canny"][f"{strength:g}"] = float(np.mean(f1))
+        out["colour"][f"{strength:g}"] = float(np.mean(err))
+    return out

@@ -118,6 +118,27 @@ def min_snr_weight(alpha_bar: torch.Tensor, gamma: float | None, x0_cap: float |
     return w
 
 
+def noisy_batch(x0: torch.Tensor, cfg, scheduler, gen: torch.Generator):
+    """Noise, timesteps, noisy latents and the epsilon target for one batch, by the recipe in
+    ``cfg`` (offset noise, the share of timesteps from the top of the schedule); shared by the
+    UNet's and the ControlNet's loops.  Returns ``(noisy, target, t)``."""
+    b = x0.shape[0]
+    timesteps = scheduler.timesteps
+    noise = torch.randn(x0.shape, generator=gen)
+    if cfg.offset_noise:
+        noise = noise + cfg.offset_noise * torch.randn(b, x0.shape[1], 1, 1, generator=gen)
+    pick = torch.randint(0, len(timesteps), (b,), generator=gen)
+    if cfg.high_t_fraction:
+        # scheduler.timesteps runs from the noisiest down, so the top of the schedule is its head
+        high = torch.randint(0, max(1, int(len(timesteps) * (1 - cfg.high_t_start))), (b,), generator=gen)
+        pick = torch.where(torch.rand(b, generator=gen) < cfg.high_t_fraction, high, pick)
+    t = timesteps[pick]
+    # the scheduler's own add_noise / training_target, one sample (one timestep) at a time
+    noisy = torch.cat([scheduler.add_noise(x0[i:i + 1], noise[i:i + 1], t[i]) for i in range(b)])
+    target = torch.cat([scheduler.training_target(x0[i:i + 1], noise[i:i + 1], t[i]) for i in range(b)])
+    return noisy, target, t
+
+
 def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidden: torch.Tensor,
                pooled: torch.Tensor, cfg: UNetConfig, scheduler=None, log=print, callback=None) -> dict:
     """Train ``unet`` in place; returns the EMA model and the loss history.
@@ -134,7 +155,6 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, cfg))
     ema = EMA(unet, cfg.ema_decay)
-    timesteps = scheduler.timesteps
     alphas = torch.tensor(scheduler.alphas_cumprod)
     n, _, h, w = latents.shape
     side = h * 8
@@ -145,18 +165,7 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         rows = [caption_rows[i][int(torch.randint(0, len(caption_rows[i]), (1,), generator=gen))] for i in idx.tolist()]
         x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        if cfg.offset_noise:
-            noise = noise + cfg.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
-        pick = torch.randint(0, len(timesteps), (cfg.batch_size,), generator=gen)
-        if cfg.high_t_fraction:
-            # scheduler.timesteps runs from the noisiest down, so the top of the schedule is its head
-            high = torch.randint(0, max(1, int(len(timesteps) * (1 - cfg.high_t_start))), (cfg.batch_size,), generator=gen)
-            pick = torch.where(torch.rand(cfg.batch_size, generator=gen) < cfg.high_t_fraction, high, pick)
-        t = timesteps[pick]
-        # the scheduler's own add_noise / training_target, one sample (one timestep) at a time
-        noisy = torch.cat([scheduler.add_noise(x0[i:i + 1], noise[i:i + 1], t[i]) for i in range(cfg.batch_size)])
-        target = torch.cat([scheduler.training_target(x0[i:i + 1], noise[i:i + 1], t[i]) for i in range(cfg.batch_size)])
+        noisy, target, t = noisy_batch(x0, cfg, scheduler, gen)
         pred = unet(noisy, timestep=t, encoder_hidden_states=hidden[rows].float(),
                     add_text_embeds=pooled[rows], add_time_id=add_time_id)
         per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
