@@ -176,15 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the SDXL ControlNet-Union (promax) file for notebook 05 (about 2.5 GB)")
     f.set_defaults(func=cmd_fetch)
 
-    bt = sub.add_parser("build-tiny", help="train the tiny profile's UNet and VAE from scratch (about an hour)")
+    bt = sub.add_parser("build-tiny", help="train the tiny profile's UNet, VAE and ControlNet-Union from scratch "
+                                           "(about 75 minutes on 2 cores)")
     bt.add_argument("--out", required=True, help="output folder (the shipped one: kolors_course/world/weights)")
     bt.add_argument("--quick", action="store_true", help="a few steps only: checks the path, not for use")
     bt.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     bt.add_argument("--seed", type=int, default=0)
     bt.add_argument("--log-file", default=None, help="also write the training log here")
-    bt.add_argument("--stage", action="append", choices=["vae", "unet", "finish"],
+    bt.add_argument("--stage", action="append", choices=["vae", "unet", "controlnet", "finish"],
                     help="run only this stage (repeatable); `vae` and `unet` can run side by side as two "
-                         "processes with --threads 1 each, then `finish` writes the manifest (default: all)")
+                         "processes with --threads 1 each, `controlnet` after `unet`, then `finish` writes "
+                         "the manifest (default: all)")
     bt.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default: the shipped build's)")
     bt.add_argument("--unet-steps", type=int, default=None, help="UNet training steps (default: the shipped build's)")
     bt.add_argument("--controlnet-steps", type=int, default=None,

@@ -42,9 +42,12 @@ def test_control_follows_the_condition_reproducibly_and_strength_zero_is_the_pla
     a = np.asarray(generate(cpipe, PROMPT, seed=4, control_image=edges, control="canny"))
     b = np.asarray(generate(cpipe, PROMPT, seed=4, control_image=edges, control="canny"))
     assert (a == b).all()                                   # same seed, same picture
-    assert np.abs(a.astype(int) - plain).mean() > 2         # the ControlNet changed it
+    assert np.abs(a.astype(int) - plain).mean() > 0.5       # the ControlNet changed it (2 steps: a little)
     zero = np.asarray(generate(cpipe, PROMPT, seed=4, control_image=edges, control="canny", control_strength=0))
     assert (zero == plain).all()
+    # the strength scales the ControlNet's residuals: a whisper of it is nearly the plain picture
+    faint = np.asarray(generate(cpipe, PROMPT, seed=4, control_image=edges, control="canny", control_strength=0.01))
+    assert np.abs(faint.astype(int) - plain).mean() < 0.2 * np.abs(a.astype(int) - plain).mean()
     # the pipeline's own (empty) ControlNet manager is back: a plain call is unchanged afterwards
     assert (np.asarray(generate(cpipe, PROMPT, seed=4)) == plain).all()
     assert not cpipe.diffsynth.controlnet.models
@@ -71,6 +74,28 @@ def test_bad_control_input_gets_a_clear_message(tiny, cpipe, reference, tiny_pip
         generate(cpipe, PROMPT, control_image=np.zeros((64, 64, 3)), control="canny")
     with pytest.raises(TypeError, match="control_image="):
         generate(cpipe, PROMPT, controlnet_image=edges)
+    with pytest.raises(ValueError, match="pass control_image"):
+        generate(cpipe, PROMPT, control_strength=0.5)
+    # the tiny ControlNet learned canny and colour only; the others are refused, not made up
+    with pytest.raises(ValueError, match="trained for canny, colour only"):
+        generate(cpipe, PROMPT, control_image=edges, control="depth")
+
+
+def test_an_interrupted_controlled_call_puts_the_pipeline_back(cpipe, reference):
+    edges = canny(reference)
+    saved = cpipe.diffsynth.controlnet
+    with pytest.raises(TypeError):
+        generate(cpipe, PROMPT, control_image=edges, not_a_setting=1)     # DiffSynth raises mid-call
+    assert cpipe.diffsynth.controlnet is saved and not saved.models
+
+
+def test_the_offload_memory_mode_gives_the_same_controlled_picture(tiny, cpipe, reference):
+    edges = canny(reference)
+    off = models.load_pipeline(tiny.with_(memory_mode="offload"), controlnet=True)
+    assert off.cpu_offload
+    a = np.asarray(generate(off, PROMPT, seed=6, control_image=edges, control_strength=0.7))
+    b = np.asarray(generate(cpipe, PROMPT, seed=6, control_image=edges, control_strength=0.7))
+    assert (a == b).all()
 
 
 def test_control_works_with_a_lora_at_any_strength(tiny, cpipe, reference, tmp_path):
@@ -116,14 +141,6 @@ def test_the_measures_tell_a_followed_condition_from_an_unrelated_picture():
 
 
 # --- the kolors profile's path, at full size on the meta device (no memory, no download) ------------
-KOLORS_UNION_CONFIG = dict(   # xinsir's config_promax.json, as far as the layout goes
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, use_linear_projection=True,
-    conditioning_embedding_out_channels=(16, 32, 96, 256), num_control_type=8)
-
-
 def test_the_promax_layout_is_the_file_diffsynth_recognises_and_converts_completely():
     """DiffSynth recognises the union file by a hash of its key names and shapes; the layout above
     has that hash, and its keys convert onto SDXLControlNetUnion with nothing missing or left over."""
@@ -132,8 +149,10 @@ def test_the_promax_layout_is_the_file_diffsynth_recognises_and_converts_complet
     from diffsynth.models.utils import hash_state_dict_keys
     from diffusers import ControlNetUnionModel
 
+    from kolors_course.models.random_weights import KOLORS_CONTROLNET_CONFIG
+
     with torch.device("meta"):
-        sd = ControlNetUnionModel(**KOLORS_UNION_CONFIG).state_dict()
+        sd = ControlNetUnionModel.from_config(KOLORS_CONTROLNET_CONFIG).state_dict()
         known = {c[1]: c[2] for c in model_loader_configs}
         assert known.get(hash_state_dict_keys(sd, with_shape=True)) == ["sdxl_controlnet"]
         converted = SDXLControlNetUnion.state_dict_converter().from_diffusers(sd)

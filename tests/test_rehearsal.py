@@ -66,6 +66,11 @@ def test_tiny_weights_load_through_load_pipeline(tiny_cache, monkeypatch):
     from kolors_course.generation.text2image import generate
     img = generate(pipe, "一只猫", seed=0)
     assert img.size == (128, 128) and np.asarray(img).std() > 0
+    # notebook 05's ControlNet-Union is in the rehearsal cache too, in the promax layout
+    cpipe = models.load_pipeline(prof, controlnet=True)
+    from PIL import Image
+    edges = Image.new("RGB", (128, 128))
+    assert generate(cpipe, "一只猫", seed=0, control_image=edges, control="canny").size == (128, 128)
 
 
 def test_published_shard_names_count_as_complete(tiny_cache):

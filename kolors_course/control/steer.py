@@ -20,8 +20,14 @@ MAX_STRENGTH = 2.0
 EDGE_MAP_MIN_DARK = 0.5
 
 
+EDGE_MAPS = ("canny", "softedge")
+
+
 def _condition_image(image, control: str, width: int, height: int):
+    import numpy as np
     from PIL import Image
+
+    from kolors_course.data.clean import to_rgb
 
     if isinstance(image, (str, os.PathLike)):
         from kolors_course.control.conditions import load_reference
@@ -30,12 +36,14 @@ def _condition_image(image, control: str, width: int, height: int):
     if not isinstance(image, Image.Image):
         raise ReferenceImageError(f"control_image is a condition image (a PIL image or a file), not "
                                   f"{type(image).__name__}: make one with kc.extract_condition(reference, {control!r})")
-    image = image.convert("RGB")
+    image, _ = to_rgb(image)                   # 16-bit, palette, transparency: as for a reference
     if image.size != (width, height):
-        image = fit(image, width, height)     # DiffSynth needs the output's size; crop, never stretch
-    if control in ("canny", "softedge"):
-        import numpy as np
-
+        image = fit(image, width, height)      # DiffSynth needs the output's size; crop, never stretch
+        if control == "colour":                # a colour grid keeps its hard cell edges
+            image = image.resize(image.size, Image.NEAREST)
+        elif control == "canny":               # resampling greys thin edges: white on black again
+            image = Image.fromarray(np.where(np.asarray(image) > 64, 255, 0).astype(np.uint8))
+    if control in EDGE_MAPS:
         dark = float((np.asarray(image.convert("L")) < 40).mean())
         if dark < EDGE_MAP_MIN_DARK:
             raise ReferenceImageError(
@@ -61,6 +69,10 @@ def controlled_call(pipe, call: dict, control_image, control: str, strength: flo
         raise ValueError("this pipeline has no ControlNet: load it with kc.load_pipeline(prof, controlnet=True)")
     if control not in CONDITIONS:
         raise ValueError(f"unknown condition {control!r}: choose one of {sorted(CONDITIONS)}")
+    learned = kit.controlnet_model.conditions
+    if learned is not None and control not in learned:
+        raise ValueError(f"this ControlNet was trained for {', '.join(learned)} only (the tiny profile's, on its "
+                         f"toy world); {control!r} needs the real ControlNet-Union (profile 'kolors')")
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= MAX_STRENGTH:
         raise ValueError(f"control_strength={strength!r}: use a number from 0 (no control) to {MAX_STRENGTH:g} "
                          "(1 is as trained)")
@@ -69,10 +81,13 @@ def controlled_call(pipe, call: dict, control_image, control: str, strength: flo
         return pipe(**call)          # adds nothing: the plain picture, without the ControlNet's cost
     diffsynth = kit.diffsynth
     saved = diffsynth.controlnet
-    diffsynth.controlnet = control_manager(kit.controlnet_model.model, control, strength)
+    manager = control_manager(kit.controlnet_model.model, control, strength)
+    diffsynth.controlnet = manager
     try:
         return pipe(**call, controlnet_image=image)
     finally:
+        if diffsynth.cpu_offload:
+            manager.cpu()          # an interrupted call would leave it on the GPU, out of DiffSynth's sight
         diffsynth.controlnet = saved
 
 
@@ -87,6 +102,9 @@ def control_sweep(pipe, prompt: str, conditions: dict, strengths=(0.0, 0.5, 1.0)
     from kolors_course.core.progress import progress
     from kolors_course.generation.text2image import generate
 
+    if kit_pipeline(pipe).controlnet_model is None:
+        print("this pipeline has no ControlNet (see the message where it was loaded): no controlled pictures")
+        return {}
     jobs = [(name, s) for name, img in conditions.items() if img is not None for s in strengths]
     out, plain = {}, None
     for name, s in progress(jobs, desc="controlled generation"):
@@ -103,6 +121,8 @@ def control_grid(conditions: dict, images: dict, save_to=None, title: str = "wha
     """One row per condition: the condition, then the pictures at each strength (ASCII labels)."""
     from kolors_course.core.images import show_grid
 
+    if not images:
+        return None
     names = list(dict.fromkeys(name for name, _ in images))
     strengths = list(dict.fromkeys(s for _, s in images))
     items = []
@@ -112,7 +132,7 @@ def control_grid(conditions: dict, images: dict, save_to=None, title: str = "wha
     return show_grid(items, cols=1 + len(strengths), title=title, save_to=save_to)
 
 
-def control_report(conditions: dict, images: dict) -> dict:
+def control_report(conditions: dict, images: dict, colour_cells: int = 8) -> dict:
     """How closely each picture follows its condition: ``{name: {strength: number}}`` with the
     edge overlap (F1, 1 = the same outline) for edge conditions and the colour-layout error
     (RGB distance, 0 = the same layout) for ``colour``; printed as one line per condition."""
@@ -121,8 +141,8 @@ def control_report(conditions: dict, images: dict) -> dict:
     out: dict = {}
     for (name, s), img in images.items():
         if name == "colour":
-            out.setdefault(name, {})[s] = colour_layout_error(img, conditions[name])
-        elif name in ("canny", "softedge"):
+            out.setdefault(name, {})[s] = colour_layout_error(img, conditions[name], colour_cells)
+        elif name in EDGE_MAPS:
             out.setdefault(name, {})[s] = edge_overlap(img, conditions[name])
     for name, by_strength in out.items():
         what = "colour-layout error (0 = same layout)" if name == "colour" else "edge overlap (1 = same outline)"

@@ -50,17 +50,17 @@ def _check_size(height: int, width: int) -> None:
 
 def generate(pipe, prompt: str, negative_prompt: str = DEFAULT_NEGATIVE, seed: int = 0,
              cfg_scale: float | None = None, steps: int | None = None, height: int | None = None,
-             width: int | None = None, control_image=None, control: str = "canny",
-             control_strength: float = 1.0, **pipe_kwargs):
+             width: int | None = None, control_image=None, control: str | None = None,
+             control_strength: float | None = None, **pipe_kwargs):
     """One image.  Unset settings come from the profile the pipeline was loaded for.
 
     The same pipeline, prompt, seed and settings give the same image, bit for bit.
 
     Reference-image control (a pipeline loaded with ``controlnet=True``): ``control_image`` is a
     condition image (``kc.extract_condition(reference, control)``: white edges on black for
-    ``canny``, a colour grid for ``colour``...), fitted to the output size; ``control`` names it;
-    ``control_strength`` scales what the ControlNet adds to the UNet (0: none, the plain picture;
-    1: as trained; up to 2).
+    ``canny``, a colour grid for ``colour``...), fitted to the output size; ``control`` names it
+    (default ``canny``); ``control_strength`` scales what the ControlNet adds to the UNet (0: none,
+    the plain picture; default 1: as trained; up to 2).
     """
     prof = kit_pipeline(pipe).profile
     cfg_scale = cfg_scale if cfg_scale is not None else prof.cfg_scale
@@ -79,10 +79,13 @@ def generate(pipe, prompt: str, negative_prompt: str = DEFAULT_NEGATIVE, seed: i
                 num_inference_steps=steps, height=height, width=width, seed=seed,
                 progress_bar_cmd=inner_progress, **pipe_kwargs)
     if control_image is None:
+        if control is not None or control_strength is not None:
+            raise ValueError("control= and control_strength= steer by a condition image: pass control_image= too")
         return pipe(**call)
     from kolors_course.control.steer import controlled_call
 
-    return controlled_call(pipe, call, control_image, control, control_strength)
+    return controlled_call(pipe, call, control_image, control or "canny",
+                           1.0 if control_strength is None else control_strength)
 
 
 def sweep(pipe, prompt: str, param: str, values: Iterable, negative_prompt: str = DEFAULT_NEGATIVE,

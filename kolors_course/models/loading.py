@@ -300,13 +300,17 @@ def ensure_controlnet(profile: Profile, download: bool = True) -> Path:
         ensure_weights(profile)
         if not path.is_file():
             raise MissingWeightsError(
-                f"the tiny weights in use ({tiny_models.weights_folder(profile.tiny_weights)}) have no ControlNet; "
-                "rebuild them with `kolors-course build-tiny` (its controlnet stage) or use the shipped ones")
+                f"the tiny weights in use ({tiny_models.weights_folder(profile.tiny_weights)}) have no ControlNet: "
+                "build a complete set with `kolors-course build-tiny --out DIR` (all stages) and use it with "
+                "choose_profile('tiny', tiny_weights=DIR), or leave tiny_weights unset for the shipped ones")
         return path
     if path.is_file():
         return path
+    if profile.model_source == "rehearsal":
+        raise MissingWeightsError(f"the {profile.name} profile's random ControlNet-Union is not at {path}: "
+                                  "write the rehearsal weights again with `kolors-course rehearsal --weights-only`")
     fetch = f"kolors-course fetch --profile {profile.name} --controlnet --cache {profile.cache_path}"
-    if profile.model_source == "rehearsal" or not download:
+    if not download:
         raise MissingWeightsError(
             f"the {profile.name} profile's ControlNet-Union is not at {path}. Fetch it (about "
             f"{CONTROLNET_DOWNLOAD_GB:.1f} GB) with:\n  {fetch}\nor pass controlnet=<path to the promax file>.")
@@ -325,6 +329,19 @@ def ensure_controlnet(profile: Profile, download: bool = True) -> Path:
     if not path.is_file():
         raise MissingWeightsError(f"the download did not leave {path}; fetch it again with {fetch}")
     return path
+
+
+def trained_conditions(profile: Profile, path: Path) -> tuple | None:
+    """The conditions a tiny build's ControlNet learned (its manifest says), None for any other
+    (the real union model reads all of them)."""
+    if profile.model_source != "tiny":
+        return None
+    manifest = tiny_models.weights_folder(profile.tiny_weights) / "manifest.json"
+    try:
+        cn = json.loads(manifest.read_text()).get("controlnet") or {}
+    except (OSError, ValueError):
+        return None
+    return tuple(cn["conditions"]) if cn.get("conditions") else None
 
 
 def load_controlnet(mm, profile: Profile, path: Path, verbose: bool = False):
@@ -375,6 +392,13 @@ def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
     storage = "cpu" if mode == "offload" else device
     mm = load_model_manager(profile, device=storage, download=download, verbose=verbose,
                             storage_only=mode == "offload")
+    if lora is not None:
+        # before the ControlNet joins the model manager: DiffSynth's load_lora tries every model it
+        # holds, and the union's down and mid blocks share the UNet's parameter names
+        from kolors_course.lora.files import fuse_lora
+
+        scale = 1.0 if lora_scale is None else lora_scale
+        fuse_lora(mm, lora, scale=scale)
     cn_model = cn_path = None
     if controlnet is not None and controlnet is not False:
         if controlnet is True:
@@ -391,12 +415,8 @@ def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
     if cn_model is not None:
         from kolors_course.models.pipeline import LoadedControlNet
 
-        kit.controlnet_model = LoadedControlNet(cn_model, str(cn_path))
+        kit.controlnet_model = LoadedControlNet(cn_model, str(cn_path), trained_conditions(profile, cn_path))
     if lora is not None:
-        from kolors_course.lora.files import fuse_lora
-
-        scale = 1.0 if lora_scale is None else lora_scale
-        fuse_lora(mm, lora, scale=scale)
         kit.lora = FusedLoRA(str(lora), scale, at_load=True)
     kit.load_seconds = time.perf_counter() - t0
     return kit

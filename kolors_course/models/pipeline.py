@@ -123,6 +123,7 @@ class LoadedControlNet:
     call's condition and strength, so a pipeline without a control image runs as before."""
     model: object
     path: str
+    conditions: tuple | None = None     # the conditions it was trained for (tiny); None: all
 
 
 @dataclass

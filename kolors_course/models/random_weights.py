@@ -22,6 +22,16 @@ KOLORS_UNET_CONFIG = dict(
     encoder_hid_dim=4096, encoder_hid_dim_type="text_proj", addition_embed_type="text_time",
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=5632,
 )
+#: xinsir's SDXL ControlNet-Union "promax" (config_promax.json, as far as the layout goes): the
+#: key names and shapes DiffSynth recognises (tests/test_controlled_generation.py checks the hash)
+KOLORS_CONTROLNET_CONFIG = dict(
+    _class_name="ControlNetUnionModel",
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    block_out_channels=[320, 640, 1280], transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20],
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, use_linear_projection=True,
+    conditioning_embedding_out_channels=[16, 32, 96, 256], num_control_type=8,
+)
 #: ChatGLM3-6B as Kolors uses it
 KOLORS_TEXT_ENCODER_CONFIG = dict(
     num_layers=28, padded_vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696, kv_channels=128,

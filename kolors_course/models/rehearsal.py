@@ -36,7 +36,7 @@ import torch
 from kolors_course.core.profiles import KOLORS
 import kolors_course.models.tiny as tiny_models
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: with the SDXL ControlNet-Union (notebook 05)
 MARKER = "rehearsal.json"
 TEXT_ENCODER_SHARDS = 7
 SEED = 20240802
@@ -106,6 +106,23 @@ def _vae_shapes(config: dict) -> dict:
     with torch.device("meta"):
         vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     return {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+
+
+def _controlnet_shapes(config: dict) -> dict:
+    from diffusers import ControlNetUnionModel
+
+    with torch.device("meta"):
+        model = ControlNetUnionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def controlnet_config(sizes: str = "kolors") -> dict:
+    """The ControlNet-Union's config.json: the promax layout, Kolors-sized or tiny."""
+    from kolors_course.models.random_weights import KOLORS_CONTROLNET_CONFIG
+
+    if sizes == "kolors":
+        return dict(KOLORS_CONTROLNET_CONFIG)
+    return {"_class_name": "ControlNetUnionModel", **tiny_models._jsonable(tiny_models.controlnet_diffusers_config())}
 
 
 def _text_encoder_shapes(config: dict) -> dict:
@@ -290,7 +307,7 @@ def write_weights(cache: str | os.PathLike | None = None, sizes: str = "kolors",
         return cache
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     (cache / MARKER).unlink(missing_ok=True)
-    need_gb = 19.0 if sizes == "kolors" else 0.1
+    need_gb = 21.5 if sizes == "kolors" else 0.1
     cache.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache).free / 2**30
     if free < need_gb:
@@ -310,6 +327,11 @@ def write_weights(cache: str | os.PathLike | None = None, sizes: str = "kolors",
     say(f"writing the VAE to {vae_path} ...")
     n_vae = write_safetensors_streamed(vae_path, _vae_shapes(vae_cfg), draw)
     vae_path.with_name("config.json").write_text(json.dumps(vae_cfg, indent=2))
+    cn_path = cache / tiny_models.CONTROLNET_REL
+    cn_cfg = controlnet_config(sizes)
+    say(f"writing the ControlNet-Union to {cn_path} ...")
+    n_cn = write_safetensors_streamed(cn_path, _controlnet_shapes(cn_cfg), draw)
+    cn_path.with_name("config.json").write_text(json.dumps(cn_cfg, indent=2))
     te_dir = cache / tiny_models.TEXT_ENCODER_REL
     say(f"writing the text encoder to {te_dir} ({text_encoder_shards} shards) ...")
     for old in te_dir.glob("pytorch_model*"):
@@ -317,12 +339,12 @@ def write_weights(cache: str | os.PathLike | None = None, sizes: str = "kolors",
     n_te = write_text_encoder(te_dir, te_cfg, gen, text_encoder_shards)
     files = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file() and p.name != MARKER)
     info = {"format_version": FORMAT_VERSION, "sizes": sizes, "seed": SEED, "dtype": "bfloat16",
-            "bytes": {"unet": n_unet, "vae": n_vae, "text_encoder": n_te},
+            "bytes": {"unet": n_unet, "vae": n_vae, "text_encoder": n_te, "controlnet": n_cn},
             "seconds": round(time.perf_counter() - t0, 1), "files": files,
             "note": "random weights of the Kolors sizes in the real download's layout, by kolors_course.models.rehearsal"}
     (cache / MARKER).write_text(json.dumps(info, indent=2))
     say(f"weights written in {info['seconds']} s: UNet {n_unet / 1e9:.2f} GB, text encoder "
-        f"{n_te / 1e9:.2f} GB, VAE {n_vae / 1e9:.2f} GB")
+        f"{n_te / 1e9:.2f} GB, VAE {n_vae / 1e9:.2f} GB, ControlNet-Union {n_cn / 1e9:.2f} GB")
     return cache
 
 
@@ -330,7 +352,7 @@ def write_weights(cache: str | os.PathLike | None = None, sizes: str = "kolors",
 #: notebook parameters that shorten the sweeps and the training set for a CPU (the code path is
 #: the same): every caption costs one pass of the 6-billion-parameter text encoder
 NOTEBOOK_PARAMETERS = {"seeds": [0, 1], "cfg_values": [1.0, 4.0], "step_values": [1, 2], "strength_values": [0.0, 1.0],
-                       "limit": 4}
+                       "limit": 4, "control_strengths": [0.0, 1.0]}
 
 
 def peak_rss_gb() -> float:

@@ -35,7 +35,7 @@ from kolors_course.world.train_vae import CellStats, VAEConfig, encoder_error, f
 #: VAE on whole pictures: trained on crops it drew colour casts and border artefacts on whole
 #: 128-pixel pictures (its GroupNorms see other statistics); the UNet learns fast, the VAE slowly.
 DEFAULTS = dict(n_scenes=2500, captions_per_scene=3, vae_images=2500, vae_steps=800, vae_crop=128,
-                unet_steps=5000, unet_batch=32, vae_batch=8, controlnet_steps=2000, controlnet_batch=32)
+                unet_steps=5000, unet_batch=32, vae_batch=8, controlnet_steps=2000, controlnet_batch=16)
 #: the UNet's training recipe beyond the loop's defaults (see UNetConfig for why each is there)
 UNET_RECIPE = dict(offset_noise=0.3, high_t_fraction=0.3, high_t_start=0.6, x0_weight_cap=100.0)
 QUICK = dict(n_scenes=48, captions_per_scene=2, vae_images=48, vae_steps=30, vae_crop=32, unet_steps=20,
@@ -111,6 +111,8 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
         parts.mkdir(parents=True, exist_ok=True)
         log = _logger(Path(log_file) if log_file else None)
         log(f"build_tiny: stages {list(stages)}, seed {seed}, threads {threads}, {knobs}")
+        if "controlnet" in stages and "unet" not in stages:
+            _check_unet_for_controlnet(out_dir, settings)      # before the world is drawn, not after
         if {"vae", "unet", "controlnet"} & set(stages):
             import kolors_course.models.tiny as T
 
@@ -198,16 +200,29 @@ def _encoded_captions(captions, log, extra=()):
     return [[index[c] for c in cs] for cs in captions], hidden, pooled, len(index), {t: index[t] for t in extra}
 
 
+def _check_unet_for_controlnet(out_dir: Path, settings: dict) -> None:
+    """The controlnet stage trains beside the UNet in ``out_dir``: it must be there, of this world."""
+    import kolors_course.models.tiny as T
+
+    record = out_dir / "parts" / "unet.json"
+    if not record.is_file() or not (out_dir / T.UNET_REL).is_file():
+        raise FileNotFoundError(f"the controlnet stage trains beside a finished UNet: run the 'unet' stage into "
+                                f"{out_dir} first")
+    theirs = json.loads(record.read_text())["settings"]
+    differ = sorted(k for k in WORLD_SETTINGS if theirs.get(k) != settings.get(k))
+    if differ:
+        raise ValueError(f"the UNet in {out_dir} was built with other settings ({differ}); run the controlnet "
+                         "stage with the UNet's")
+
+
 def _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, dtype, command, log):
     """Train the ControlNet-Union beside the UNet in ``out_dir`` and write it (parts/controlnet.json)."""
     import kolors_course.models.tiny as T
-    from kolors_course.world.train_controlnet import ControlNetConfig, controlnet_from_unet, train_controlnet, \
-        world_conditions
+    from kolors_course.world.train_controlnet import TRAINED_CONDITIONS, ControlNetConfig, controlnet_from_unet, \
+        train_controlnet, world_conditions
 
     unet_path = out_dir / T.UNET_REL
-    if not (out_dir / "parts" / "unet.json").is_file() or not unet_path.is_file():
-        raise FileNotFoundError(f"the controlnet stage trains beside a finished UNet: run the 'unet' stage into "
-                                f"{out_dir} first")
+    _check_unet_for_controlnet(out_dir, settings)
     t0 = time.perf_counter()
     classes = T.diffsynth_classes()
     unet = classes["sdxl_unet"]()
@@ -228,6 +243,7 @@ def _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, q
     T.write_controlnet(run["ema"].state_dict(), out_dir, dtype=getattr(torch, dtype))
     _write_part(out_dir, "controlnet", settings, command, {
         "seconds": run["seconds"], "config": run["config"], "unet_sha256": T.sha256(unet_path),
+        "conditions": sorted(TRAINED_CONDITIONS),
         "parameters": sum(p.numel() for p in cn.parameters()), "copied_from_unet": len(shared),
         "losses": {f"controlnet_{k}_first": _head(v, 10) for k, v in run["losses"].items()}
         | {f"controlnet_{k}_final": _tail(v, 50) for k, v in run["losses"].items()}})
@@ -284,14 +300,19 @@ def _finish(out_dir: Path, settings: dict, command, eval_seeds, evaluate_result,
         {**{name: part["command"] for name, part in parts.items()}, "finish": command},
         "seed": a["seed"], "threads": {"vae": a["threads"], "unet": b["threads"]}, "quick": a["quick"],
         "dtype": a["dtype"],
-        "settings": {**{k: v for k, v in a.items() if k != "threads" and not k.startswith("unet")},
-                     **{k: v for k, v in b.items() if k.startswith("unet")}, "image_size": T.IMAGE_SIZE,
+        # each stage's own knobs from its own record (a stage run apart may have had other ones)
+        "settings": {**{k: v for k, v in a.items() if k != "threads" and not k.startswith(("unet", "controlnet"))},
+                     **{k: v for k, v in b.items() if k.startswith("unet")},
+                     **({k: v for k, v in parts["controlnet"]["settings"].items() if k.startswith("controlnet")}
+                        if "controlnet" in parts else {}),
+                     "image_size": T.IMAGE_SIZE,
                      "unet_channels": list(T.CH), "vae_channels": list(T.VAE_CH),
                      "unet_parameters": parts["unet"]["parameters"], "vae_parameters": parts["vae"]["parameters"],
                      "vae": parts["vae"]["config"], "unet": parts["unet"]["config"]},
         "cell_stats": parts["vae"]["cell_stats"],
         "controlnet": None if "controlnet" not in parts else {
-            k: parts["controlnet"][k] for k in ("config", "parameters", "copied_from_unet", "unet_sha256")},
+            k: parts["controlnet"][k] for k in ("config", "parameters", "copied_from_unet", "unet_sha256",
+                                                 "conditions")},
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "diffsynth": _version("diffsynth"), "numpy": _version("numpy"), "pillow": _version("pillow")},
         # means over the first 20 and the last 50 (VAE) / 100 (UNet) steps; a quarter of a short run
@@ -369,7 +390,8 @@ def judge_numbers(weights_dir, eval_seeds: int = 16, quick: bool = False, log=pr
                                    negative_colours=("红色",) if quick else ("红色", "蓝色"), parts=False)
         for line in summary_lines(out["evaluate"]):
             log(line)
-        if (Path(weights_dir) / T.CONTROLNET_REL).is_file():
+        listed = json.loads((Path(weights_dir) / "manifest.json").read_text())["files"]
+        if str(T.CONTROLNET_REL) in listed:
             from kolors_course.world.evaluate import evaluate_control
 
             cpipe = pipeline_from(weights_dir, Path(tmp) / "cache", controlnet=True)

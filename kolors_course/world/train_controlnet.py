@@ -11,6 +11,10 @@ The ControlNet recipe of the paper (Zhang et al. 2023) and of diffusers' ``train
   embedding tells them apart;
 - half the captions are replaced by the empty one (the paper's 50%), so the ControlNet must read
   the layout from the condition rather than lean on the text;
+- the ControlNet sees one sample at a time, as at generation time (``PerSample``): the union's
+  condition transformer is a ``MultiheadAttention`` that reads a (batch, 2, channels) input as
+  sequence-first, i.e. it attends across the batch; DiffSynth samples one picture per call, so a
+  batched ControlNet in training would learn from neighbours it never has when generating;
 - the conditions are the kit's own (``kolors_course.control.conditions``) on the world's
   pictures, the functions a learner calls on a reference; the colour grid is drawn at 4, 8 or
   16 cells so any ``colour_cells`` the notebook offers is familiar.
@@ -33,7 +37,7 @@ COLOUR_CELLS = (4, 8, 16)
 @dataclass
 class ControlNetConfig:
     steps: int = 2000
-    batch_size: int = 32
+    batch_size: int = 16          # one ControlNet call per sample (PerSample): half the UNet's batch
     learning_rate: float = 1e-3
     caption_dropout: float = 0.5            # share of captions replaced by the empty caption
     warmup_steps: int = 50
@@ -97,6 +101,23 @@ def condition_batch(conds: dict, kind: str, idx: torch.Tensor, size: int, gen: t
     return torch.nn.functional.interpolate(grid, size=(size, size), mode="nearest")
 
 
+class PerSample:
+    """A DiffSynth ControlNet manager that runs its ControlNet once per sample of the batch and
+    stacks the residuals: what generation does (one picture per call), for a batched loss."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    def __call__(self, sample, timestep, encoder_hidden_states, conditionings, add_time_id=None,
+                 add_text_embeds=None, **kwargs):
+        b = sample.shape[0]
+        per = add_time_id.shape[0] // b
+        outs = [self.manager(sample[i:i + 1], timestep[i:i + 1], encoder_hidden_states[i:i + 1],
+                             conditionings[:, i:i + 1], add_time_id=add_time_id[i * per:(i + 1) * per],
+                             add_text_embeds=add_text_embeds[i:i + 1], **kwargs) for i in range(b)]
+        return [torch.cat(parts) for parts in zip(*outs)]
+
+
 def train_controlnet(controlnet, unet, latents: torch.Tensor, conds: dict, caption_rows, hidden: torch.Tensor,
                      pooled: torch.Tensor, cfg: ControlNetConfig, empty_row: int | None = None, scheduler=None,
                      log=print) -> dict:
@@ -116,7 +137,8 @@ def train_controlnet(controlnet, unet, latents: torch.Tensor, conds: dict, capti
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, cfg))
     ema = EMA(controlnet, cfg.ema_decay)
-    managers = {kind: MultiControlNetManager([ControlNetUnit(Annotator(pid, skip_processor=True), controlnet, 1.0)])
+    managers = {kind: PerSample(MultiControlNetManager([ControlNetUnit(Annotator(pid, skip_processor=True),
+                                                                       controlnet, 1.0)]))
                 for kind, pid in TRAINED_CONDITIONS.items()}
     kinds = list(TRAINED_CONDITIONS)
     alphas = torch.tensor(scheduler.alphas_cumprod)
