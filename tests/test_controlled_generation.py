@@ -200,3 +200,34 @@ def test_a_kolors_single_task_controlnet_is_refused_with_where_it_runs(tiny, tmp
     ControlNetModel(**cfg, conditioning_embedding_out_channels=(8, 16, 32, 32)).save_pretrained(tmp_path)
     with pytest.raises(models.ModelLoadError, match="ComfyUI"):
         models.load_pipeline(tiny, controlnet=str(tmp_path / "diffusion_pytorch_model.safetensors"))
+
+
+def test_training_sees_the_controlnet_one_sample_at_a_time_as_generation_does():
+    """The union's condition transformer attends across its batch; the training loop's PerSample
+    manager gives each sample the residuals a one-picture generation call would give it."""
+    from kolors_course.control.steer import control_manager
+    from kolors_course.world.train_controlnet import PerSample
+
+    torch.manual_seed(0)
+    classes = T.diffsynth_classes()
+    unet, cn = classes["sdxl_unet"]().eval(), classes["sdxl_controlnet"]().eval()
+    b = 3
+    # samples that differ as real ones do (the transformer reads their means: with look-alike
+    # samples, attending across the batch changes nothing)
+    x = torch.randn(b, 4, 16, 16) + torch.arange(b).view(b, 1, 1, 1)
+    t = torch.tensor([100.0, 500.0, 900.0])
+    hidden, pooled = torch.randn(b, 256, T.TEXT_DIM), torch.randn(b, T.TEXT_DIM)
+    time_ids = torch.tensor([128, 128, 0, 0, 128, 128])
+    cond = torch.stack([torch.full((3, 128, 128), i / b) for i in range(b)]).unsqueeze(0)
+    mgr = control_manager(cn, "canny", 1.0)
+    args = dict(add_time_id=time_ids.repeat(b), add_text_embeds=pooled, unet=unet)
+    with torch.no_grad():
+        batched = PerSample(mgr)(x, t, hidden, cond, **args)
+        naive = mgr(x, t, hidden, cond, **args)
+        ones = [mgr(x[i:i + 1], t[i:i + 1], hidden[i:i + 1], cond[:, i:i + 1], add_time_id=time_ids,
+                    add_text_embeds=pooled[i:i + 1], unet=unet) for i in range(b)]
+    for level, res in enumerate(batched):
+        assert torch.allclose(res, torch.cat([one[level] for one in ones]), atol=1e-5)
+    # a plain batched call mixes the samples, if only a little (the shared task embedding dominates
+    # the transformer's tokens): not the exact per-picture residuals
+    assert max(float((n - p).abs().max()) for n, p in zip(naive, batched)) > 0
