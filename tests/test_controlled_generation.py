@@ -231,3 +231,12 @@ def test_training_sees_the_controlnet_one_sample_at_a_time_as_generation_does():
     # a plain batched call mixes the samples, if only a little (the shared task embedding dominates
     # the transformer's tokens): not the exact per-picture residuals
     assert max(float((n - p).abs().max()) for n, p in zip(naive, batched)) > 0
+
+
+def test_a_controlnet_union_of_the_other_profiles_size_is_named_as_such(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "promax.safetensors"
+    save_file({"task_embedding": torch.zeros(8, 320), "conv_in.weight": torch.zeros(320, 4, 3, 3)}, str(path))
+    with pytest.raises(models.ModelLoadError, match="another size"):
+        models.load_pipeline(tiny, controlnet=str(path))

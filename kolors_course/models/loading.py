@@ -352,6 +352,7 @@ def load_controlnet(mm, profile: Profile, path: Path, verbose: bool = False):
     try:
         with safe_open(str(path), "pt") as f:
             stored = set(f.keys())
+            width = f.get_slice("conv_in.weight").get_shape()[0] if "conv_in.weight" in stored else None
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); "
                              "download it again") from None
@@ -363,6 +364,11 @@ def load_controlnet(mm, profile: Profile, path: Path, verbose: bool = False):
             "ControlNet such as Kwai-Kolors' own Canny/Depth/Pose. DiffSynth 1.1.9 runs only the union "
             f"model with Kolors: use {CONTROLNET_REPO}/{CONTROLNET_FILE} here (controlnet=True), and "
             "Kolors' own ControlNets in ComfyUI (notebook 05's workflows).")
+    expected = mm.model[mm.model_name.index("sdxl_unet")].conv_in.out_channels   # the loaded UNet's first width
+    if width is not None and width != expected:
+        raise ModelLoadError(
+            f"{path} is a ControlNet-Union of another size (first layer {width} channels, the loaded UNet's "
+            f"{expected}): the tiny profile's file does not fit Kolors, nor the real one the tiny models")
     classes = _model_classes(profile)
     with _quiet(verbose), _load_errors(path, "ControlNet"):
         mm.load_model_from_single_file(str(path), model_names=["sdxl_controlnet"],
