@@ -56,39 +56,9 @@ COND_CH = (3, 8, 16, 32, 32)
 
 
 # --- DiffSynth classes of tiny size --------------------------------------------
-def _encoder_parts():
-    """What the tiny UNet and its ControlNet share, built the same way for both (so the ControlNet
-    can start as a copy of the UNet's encoder): ``(time_embedding, down_and_mid_blocks)``, the
-    blocks in SDXL's order (DiffSynth's ControlNet residuals are inserted after block 22)."""
-    from diffsynth.models.sd_unet import AttentionBlock, DownSampler, PushBlock
-    from diffsynth.models.sd_unet import ResnetBlock as _Res
-
-    c0, c1, c2 = CH
-    temb = c0 * 4
-
-    def attn(ch):
-        return AttentionBlock(HEADS, ch // HEADS, ch, 1, CROSS_DIM, norm_num_groups=NORM_GROUPS)
-
-    def res(i, o):
-        return _Res(i, o, temb, groups=NORM_GROUPS, eps=1e-5)
-
-    time_embedding = torch.nn.Sequential(torch.nn.Linear(c0, temb), torch.nn.SiLU(), torch.nn.Linear(temb, temb))
-    blocks = [
-        res(c0, c0), PushBlock(),
-        res(c0, c0), PushBlock(),
-        DownSampler(c0), PushBlock(),
-        res(c0, c1), attn(c1), PushBlock(),
-        res(c1, c1), attn(c1), PushBlock(),
-        DownSampler(c1), PushBlock(),
-        res(c1, c2), attn(c2), PushBlock(),
-        res(c2, c2), attn(c2), PushBlock(),
-        res(c2, c2), attn(c2), res(c2, c2),
-    ]
-    return time_embedding, blocks
-
-
 def _unet_classes():
-    from diffsynth.models.sd_unet import AttentionBlock, PopBlock, Timesteps, UpSampler
+    from diffsynth.models.sd_unet import (AttentionBlock, DownSampler, PopBlock, PushBlock,
+                                          Timesteps, UpSampler)
     from diffsynth.models.sd_unet import ResnetBlock as _Res
     from diffsynth.models.sdxl_unet import SDXLUNet
 
@@ -107,14 +77,24 @@ def _unet_classes():
                 return _Res(i, o, t, groups=NORM_GROUPS, eps=eps)
 
             self.time_proj = Timesteps(c0)
-            self.time_embedding, encoder = _encoder_parts()
+            self.time_embedding = torch.nn.Sequential(
+                torch.nn.Linear(c0, temb), torch.nn.SiLU(), torch.nn.Linear(temb, temb))
             self.add_time_proj = Timesteps(ADD_TIME_DIM)
             self.add_time_embedding = torch.nn.Sequential(
                 torch.nn.Linear(TEXT_DIM + 6 * ADD_TIME_DIM, temb), torch.nn.SiLU(),
                 torch.nn.Linear(temb, temb))
             self.conv_in = torch.nn.Conv2d(4, c0, kernel_size=3, padding=1)
             self.text_intermediate_proj = torch.nn.Linear(TEXT_DIM, CROSS_DIM)
-            self.blocks = torch.nn.ModuleList(encoder + [
+            self.blocks = torch.nn.ModuleList([
+                ResnetBlock(c0, c0, temb), PushBlock(),
+                ResnetBlock(c0, c0, temb), PushBlock(),
+                DownSampler(c0), PushBlock(),
+                ResnetBlock(c0, c1, temb), attn(c1), PushBlock(),
+                ResnetBlock(c1, c1, temb), attn(c1), PushBlock(),
+                DownSampler(c1), PushBlock(),
+                ResnetBlock(c1, c2, temb), attn(c2), PushBlock(),
+                ResnetBlock(c2, c2, temb), attn(c2), PushBlock(),
+                ResnetBlock(c2, c2, temb), attn(c2), ResnetBlock(c2, c2, temb),
                 PopBlock(), ResnetBlock(c2 + c2, c2, temb), attn(c2),
                 PopBlock(), ResnetBlock(c2 + c2, c2, temb), attn(c2),
                 PopBlock(), ResnetBlock(c2 + c1, c2, temb), attn(c2), UpSampler(c2),
@@ -196,19 +176,33 @@ def _vae_classes():
 
 def _controlnet_class():
     from diffsynth.models.sd_controlnet import ControlNetConditioningLayer
-    from diffsynth.models.sd_unet import PushBlock, Timesteps
+    from diffsynth.models.sd_unet import AttentionBlock, DownSampler, PushBlock, Timesteps
+    from diffsynth.models.sd_unet import ResnetBlock as _Res
     from diffsynth.models.sdxl_controlnet import ResidualAttentionBlock, SDXLControlNetUnion
 
     class TinySDXLControlNetUnion(SDXLControlNetUnion):
         """SDXLControlNetUnion with the tiny UNet's widths: the same forward (DiffSynth's own, with
-        its Kolors branches), the same eight control types, the UNet's down and mid blocks."""
+        its Kolors branches), the same eight control types, the UNet's down and mid blocks.
+
+        The down and mid blocks repeat TinyKolorsUNet's on purpose: each class creates its layers in
+        its own order, and that order fixes the random draws of their initial weights, so that
+        `kolors-course build-tiny` with the same seed gives the shipped files again (a shared
+        builder, tried, reordered them)."""
 
         def __init__(self, global_pool: bool = False):
             torch.nn.Module.__init__(self)
             c0, c1, c2 = CH
             temb = c0 * 4
+
+            def attn(ch):
+                return AttentionBlock(HEADS, ch // HEADS, ch, 1, CROSS_DIM, norm_num_groups=NORM_GROUPS)
+
+            def ResnetBlock(i, o, t=None, eps=1e-5):      # noqa: N802 - DiffSynth's block, our group count
+                return _Res(i, o, t, groups=NORM_GROUPS, eps=eps)
+
             self.time_proj = Timesteps(c0)
-            self.time_embedding, encoder = _encoder_parts()
+            self.time_embedding = torch.nn.Sequential(
+                torch.nn.Linear(c0, temb), torch.nn.SiLU(), torch.nn.Linear(temb, temb))
             self.add_time_proj = Timesteps(ADD_TIME_DIM)
             # unused with Kolors (the forward borrows the Kolors UNet's), present as in the real file
             self.add_time_embedding = torch.nn.Sequential(
@@ -222,7 +216,17 @@ def _controlnet_class():
             self.controlnet_transformer = ResidualAttentionBlock(c0, HEADS)
             self.task_embedding = torch.nn.Parameter(torch.randn(8, c0))
             self.spatial_ch_projs = torch.nn.Linear(c0, c0)
-            self.blocks = torch.nn.ModuleList(encoder + [PushBlock()])
+            self.blocks = torch.nn.ModuleList([
+                ResnetBlock(c0, c0, temb), PushBlock(),
+                ResnetBlock(c0, c0, temb), PushBlock(),
+                DownSampler(c0), PushBlock(),
+                ResnetBlock(c0, c1, temb), attn(c1), PushBlock(),
+                ResnetBlock(c1, c1, temb), attn(c1), PushBlock(),
+                DownSampler(c1), PushBlock(),
+                ResnetBlock(c1, c2, temb), attn(c2), PushBlock(),
+                ResnetBlock(c2, c2, temb), attn(c2), PushBlock(),
+                ResnetBlock(c2, c2, temb), attn(c2), ResnetBlock(c2, c2, temb), PushBlock(),
+            ])
             widths = (c0, c0, c0, c0, c1, c1, c1, c2, c2, c2)
             self.controlnet_blocks = torch.nn.ModuleList([torch.nn.Conv2d(w, w, kernel_size=(1, 1)) for w in widths])
             self.global_pool = global_pool
