@@ -18,8 +18,6 @@ from kolors_course.models.pipeline import kit_pipeline
 MAX_STRENGTH = 2.0
 #: an edge map (canny, soft edges) is mostly black; a picture passed by mistake is not
 EDGE_MAP_MIN_DARK = 0.5
-
-
 EDGE_MAPS = ("canny", "softedge")
 
 

@@ -207,7 +207,8 @@ def evaluate_control(pipe, seeds=range(16), strengths=(0.0, 1.0), steps: int = E
     """
     from kolors_course.control.conditions import canny, colour
     from kolors_course.control.measure import colour_layout_error, edge_overlap
-    from kolors_course.generation.text2image import DEFAULT_NEGATIVE, generate
+    from kolors_course.control.steer import control_sweep
+    from kolors_course.generation.text2image import DEFAULT_NEGATIVE
 
     seeds = list(seeds)
     out = {"canny": {}, "colour": {}, "seeds": seeds, "steps": steps, "cfg_scale": cfg_scale,
@@ -215,21 +216,16 @@ def evaluate_control(pipe, seeds=range(16), strengths=(0.0, 1.0), steps: int = E
     refs = [W.render(sc, size=size, seed=s) for sc, s in zip(control_scenes(seeds), seeds)]
     prompts = [W.prompt_for(sc) for sc in control_scenes(seeds)]
     out["prompts"] = prompts
+    by_seed = []
+    for s, ref, prompt in zip(seeds, refs, prompts):
+        conds = {"canny": canny(ref), "colour": colour(ref, colour_cells)}
+        images = control_sweep(pipe, prompt, conds, strengths=strengths, negative_prompt=DEFAULT_NEGATIVE, seed=s,
+                               cfg_scale=cfg_scale, steps=steps, height=size, width=size)
+        by_seed.append((conds, images))
     for strength in strengths:
-        f1, err = [], []
-        for s, ref, prompt in zip(seeds, refs, prompts):
-            edges, grid = canny(ref), colour(ref, colour_cells)
-            common = dict(negative_prompt=DEFAULT_NEGATIVE, seed=s, cfg_scale=cfg_scale, steps=steps,
-                          height=size, width=size)
-            if strength == 0:        # the plain picture, the same for both conditions
-                by_edges = by_colour = generate(pipe, prompt, **common)
-            else:
-                by_edges = generate(pipe, prompt, control_image=edges, control="canny", control_strength=strength,
-                                    **common)
-                by_colour = generate(pipe, prompt, control_image=grid, control="colour", control_strength=strength,
-                                     **common)
-            f1.append(edge_overlap(by_edges, edges))
-            err.append(colour_layout_error(by_colour, grid, colour_cells))
+        f1 = [edge_overlap(images["canny", strength], conds["canny"]) for conds, images in by_seed]
+        err = [colour_layout_error(images["colour", strength], conds["colour"], colour_cells)
+               for conds, images in by_seed]
         out["canny"][f"{strength:g}"] = float(np.mean(f1))
         out["colour"][f"{strength:g}"] = float(np.mean(err))
     return out
