@@ -107,6 +107,16 @@ def _missing_message(profile: Profile, files: ModelFiles, cause: str = "") -> st
     return "\n".join(lines)
 
 
+def _check_disk(root: Path, need_gb: float) -> None:
+    """Refuse a download that would not fit in ``root`` (made if missing), before it starts."""
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free / 2**30
+    if free < need_gb:
+        raise MissingWeightsError(
+            f"Not enough disk space in {root}: {free:.1f} GB free, about {need_gb:.1f} GB needed. "
+            "Free some space or point KOLORS_COURSE_CACHE at a bigger disk.")
+
+
 def download_kolors_weights(profile: Profile, check_network: bool = True) -> Path:
     """Download the Kolors UNet, text encoder and fp16-fix VAE from ModelScope.
 
@@ -120,13 +130,7 @@ def download_kolors_weights(profile: Profile, check_network: bool = True) -> Pat
         why = hub_unreachable()
         if why:
             raise MissingWeightsError(_missing_message(profile, files, why))
-    root.mkdir(parents=True, exist_ok=True)
-    need = sum(KOLORS_DOWNLOAD_GB.values())
-    free = shutil.disk_usage(root).free / 2**30
-    if free < need:
-        raise MissingWeightsError(
-            f"Not enough disk space in {root}: {free:.1f} GB free, about {need:.0f} GB needed. "
-            "Free some space or point KOLORS_COURSE_CACHE at a bigger disk.")
+    _check_disk(root, sum(KOLORS_DOWNLOAD_GB.values()))
     from modelscope import snapshot_download
 
     for model_id, patterns in KOLORS_FILES.items():
@@ -318,10 +322,7 @@ def ensure_controlnet(profile: Profile, download: bool = True) -> Path:
     if why:
         raise MissingWeightsError(f"the ControlNet-Union is not at {path} and cannot be downloaded: {why}. "
                                   f"When online: {fetch}")
-    free = shutil.disk_usage(profile.cache_path if profile.cache_path.exists() else Path.cwd()).free / 2**30
-    if free < CONTROLNET_DOWNLOAD_GB:
-        raise MissingWeightsError(f"not enough disk space for the ControlNet-Union: {free:.1f} GB free, "
-                                  f"{CONTROLNET_DOWNLOAD_GB:.1f} GB needed")
+    _check_disk(profile.cache_path, CONTROLNET_DOWNLOAD_GB)
     from modelscope import snapshot_download
 
     snapshot_download(CONTROLNET_REPO, local_dir=str(profile.cache_path / CONTROLNET_REPO),
@@ -331,7 +332,7 @@ def ensure_controlnet(profile: Profile, download: bool = True) -> Path:
     return path
 
 
-def trained_conditions(profile: Profile, path: Path) -> tuple | None:
+def trained_conditions(profile: Profile) -> tuple | None:
     """The conditions a tiny build's ControlNet learned (its manifest says), None for any other
     (the real union model reads all of them)."""
     if profile.model_source != "tiny":
@@ -421,7 +422,7 @@ def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
     if cn_model is not None:
         from kolors_course.models.pipeline import LoadedControlNet
 
-        kit.controlnet_model = LoadedControlNet(cn_model, str(cn_path), trained_conditions(profile, cn_path))
+        kit.controlnet_model = LoadedControlNet(cn_model, str(cn_path), trained_conditions(profile))
     if lora is not None:
         kit.lora = FusedLoRA(str(lora), scale, at_load=True)
     kit.load_seconds = time.perf_counter() - t0
