@@ -45,7 +45,7 @@ _EXPORTS = {
     "TrainConfig": "lora.config", "train_lora": "lora.train", "lora_demo": "lora.lessons",
     "read_lora": "lora.files", "fuse_lora": "lora.files",
     "load_story": "story.stories", "generate_story": "story.stories", "generation_settings": "story.stories",
-    "set_lora_scale": "lora.strength", "strength_sweep": "lora.strength", "AestheticScorer": "story.scoring",
+    "set_lora_scale": "lora.strength", "lora_at": "lora.strength", "strength_sweep": "lora.strength", "AestheticScorer": "story.scoring",
     "story_grid": "story.gallery", "write_gallery": "story.gallery", "write_bundle": "story.gallery",
     "upload_text": "story.gallery", "post_title": "story.gallery",
     "choose_trigger_word": "core.trigger", "story_trigger_words": "core.trigger", "with_trigger": "core.trigger",

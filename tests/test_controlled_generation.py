@@ -103,7 +103,7 @@ def test_control_works_with_a_lora_at_any_strength(tiny, cpipe, reference, tmp_p
     from kolors_course.data.build import build_training_set
     from kolors_course.data.recipe import Recipe
     from kolors_course.lora.config import TrainConfig
-    from kolors_course.lora.strength import set_lora_scale
+    from kolors_course.lora.strength import lora_at
     from kolors_course.lora.train import train_lora
 
     build_training_set("synthetic", tmp_path / "ds", recipe=Recipe(min_width=48, min_height=48), limit=4)
@@ -111,12 +111,10 @@ def test_control_works_with_a_lora_at_any_strength(tiny, cpipe, reference, tmp_p
     lora = train_lora(tiny, tmp_path / "ds", tmp_path / "run", cfg).files["lora"]
     edges = canny(reference)
     controlled = np.asarray(generate(cpipe, PROMPT, seed=2, control_image=edges)).astype(int)
-    try:
-        set_lora_scale(cpipe, lora, 1.0)
+    with lora_at(cpipe, lora, 1.0):
         both = np.asarray(generate(cpipe, PROMPT, seed=2, control_image=edges)).astype(int)
         lora_only = np.asarray(generate(cpipe, PROMPT, seed=2)).astype(int)
-    finally:
-        set_lora_scale(cpipe, lora, 0.0)
+    assert cpipe.lora is None                # lora_at took it out again
     assert np.abs(both - controlled).mean() > 0.5 and np.abs(both - lora_only).mean() > 0.5
     assert (np.asarray(generate(cpipe, PROMPT, seed=2, control_image=edges)).astype(int) == controlled).all()
 

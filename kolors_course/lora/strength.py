@@ -6,6 +6,8 @@ weights, and switching to another LoRA first puts the base weights back.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from kolors_course.lora.files import fuse_lora, read_lora
@@ -30,6 +32,21 @@ def set_lora_scale(pipe, lora_path, scale: float) -> None:
     if scale:
         fuse_lora(pipe.model_manager, lora_path, scale=scale)
     pipe.lora = FusedLoRA(str(lora_path), scale, at_load=False) if scale else None
+
+
+@contextlib.contextmanager
+def lora_at(pipe, lora_path, scale: float):
+    """``with kc.lora_at(pipe, path, 0.8): ...``: the UNet holds that LoRA at that strength inside
+    the block, and the LoRA it held before (or none) again after it, on error too."""
+    before = kit_pipeline(pipe).lora
+    set_lora_scale(pipe, lora_path, scale)
+    try:
+        yield pipe
+    finally:
+        if before is None:
+            set_lora_scale(pipe, lora_path, 0.0)
+        else:
+            set_lora_scale(pipe, before.path, before.scale)
 
 
 def _restore(params: dict, saved: dict) -> None:
