@@ -109,6 +109,16 @@ def test_lora_strength_sweep(tiny, tmp_path):
     assert np.abs(imgs[1.5][0] - imgs[1.0][0]).mean() > 0.1
     with pytest.raises(RuntimeError, match="already has a LoRA fused"):
         set_lora_scale(load_pipeline(tiny, lora=res.files["lora"]), res.files["lora"], 0.5)
+    # the sweep shows each strength and leaves the pipeline at the strength it found (1.0 here)
+    from kolors_course.lora.strength import strength_sweep
+    from kolors_course.story.stories import load_story
+
+    tale = load_story(tiny.story)
+    settings = dict(cfg_scale=4.0, steps=3, height=tiny.height, width=tiny.width)
+    sweep = strength_sweep(pipe, res.files["lora"], tale, 1, settings, values=(0.0, 1.5))
+    assert [label for label, _ in sweep] == ["strength 0.0", "strength 1.5"]
+    assert not np.array_equal(np.asarray(sweep[0][1]), np.asarray(sweep[1][1]))
+    assert np.array_equal(np.asarray(generate(pipe, "猫", seed=1), dtype=int), imgs[1.0][0])
 
 
 def test_tiny_scorer_runs_the_real_classes(tiny, tiny_pipe):

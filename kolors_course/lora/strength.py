@@ -56,14 +56,15 @@ def _restore(params: dict, saved: dict) -> None:
 
 
 def strength_sweep(pipe, lora_path, story, scene: int, settings: dict, values=(0.0, 0.5, 1.0, 1.5)):
-    """One scene (1-based) at several LoRA strengths: ``[(label, image), ...]``."""
+    """One scene (1-based) at several LoRA strengths: ``[(label, image), ...]``.  The pipeline holds
+    the LoRA it held before (or none) afterwards, as after ``lora_at``."""
     from kolors_course.generation.text2image import generate
 
     sc = story.scenes[scene - 1]
     out = []
     for s in values:
-        set_lora_scale(pipe, lora_path, s)
-        out.append((f"strength {s}", generate(pipe, story.prompt(scene - 1), story.negative, seed=sc.seed,
-                                              cfg_scale=settings["cfg_scale"], steps=settings["steps"],
-                                              height=settings["height"], width=settings["width"])))
+        with lora_at(pipe, lora_path, s):
+            out.append((f"strength {s}", generate(pipe, story.prompt(scene - 1), story.negative, seed=sc.seed,
+                                                  cfg_scale=settings["cfg_scale"], steps=settings["steps"],
+                                                  height=settings["height"], width=settings["width"])))
     return out
