@@ -43,3 +43,22 @@ def tiny():
 def tiny_pipe(tiny):
     from kolors_course.models.loading import load_pipeline
     return load_pipeline(tiny)
+
+
+#: The team name the course run's bundle gets (notebook 04): a Chinese one, as teams register.
+COURSE_TEAM = "测试队"
+
+
+@pytest.fixture(scope="session")
+def course_run(tmp_path_factory):
+    """The whole course, run once headless on the tiny profile with the CLI (as `make course` does),
+    shared by every test that reads what a course run leaves (tests/test_notebooks.py,
+    tests/test_story.py): ``(completed process, output folder)``."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("course") / "course"
+    proc = subprocess.run([sys.executable, "-m", "kolors_course.cli", "run", "--profile", "tiny",
+                           "--out", str(out), "-p", "team_name", COURSE_TEAM],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    return proc, out

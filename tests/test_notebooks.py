@@ -5,8 +5,6 @@ file checks what nbval does not, the runner and the files the course leaves.
 """
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -35,15 +33,6 @@ def test_notebook_is_stripped_and_parameterised(nb_path):
     assert any("out_dir" in line for line in params[0].source.splitlines())
     # cells stay short: logic belongs in the package
     assert max(len(c.source.splitlines()) for c in code) <= 15
-
-
-@pytest.fixture(scope="module")
-def course_run(tmp_path_factory):
-    """The whole course, run once headless on the tiny profile with the CLI."""
-    out = tmp_path_factory.mktemp("course") / "course"
-    proc = subprocess.run([sys.executable, "-m", "kolors_course.cli", "run", "--profile", "tiny",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1500)
-    return proc, out
 
 
 @pytest.mark.notebook

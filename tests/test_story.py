@@ -151,12 +151,11 @@ def test_team_folder_name_is_safe():
 
 
 @pytest.fixture(scope="module")
-def course_04(tmp_path_factory):
-    """Notebook 04 run headless on the tiny profile (after 02 and 03 for a real LoRA)."""
-    out = tmp_path_factory.mktemp("c04")
-    res = runner.run_notebooks(["02", "03", "04"], out=out, profile="tiny",
-                               parameters={"team_name": "测试队"}, quiet=True)
-    assert [r.status for r in res] == ["ok"] * 3, [r.error for r in res]
+def course_04(course_run):
+    """Notebook 04 of the course run (tests/conftest.py: after 02 and 03, so with a real LoRA, and
+    with a Chinese team name)."""
+    proc, out = course_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out / "04_story"
 
 
