@@ -119,6 +119,8 @@ def test_lora_strength_sweep(tiny, tmp_path):
     assert [label for label, _ in sweep] == ["strength 0.0", "strength 1.5"]
     assert not np.array_equal(np.asarray(sweep[0][1]), np.asarray(sweep[1][1]))
     assert np.array_equal(np.asarray(generate(pipe, "猫", seed=1), dtype=int), imgs[1.0][0])
+    with pytest.raises(ValueError, match="at least one strength"):
+        strength_sweep(pipe, res.files["lora"], tale, 1, settings, values=[])
 
 
 def test_tiny_scorer_runs_the_real_classes(tiny, tiny_pipe):

@@ -60,10 +60,16 @@ def strength_sweep(pipe, lora_path, story, scene: int, settings: dict, values=(0
     the LoRA it held before (or none) afterwards, as after ``lora_at``."""
     from kolors_course.generation.text2image import generate
 
+    values = list(values)
+    if not values:
+        raise ValueError("strength_sweep needs at least one strength, e.g. [0.0, 0.5, 1.0, 1.5]")
     sc = story.scenes[scene - 1]
     out = []
-    for s in values:
-        with lora_at(pipe, lora_path, s):
+    # one block around the loop: the previous LoRA is put back once, not after every strength
+    # (on Kolors each change rewrites the UNet's attention weights)
+    with lora_at(pipe, lora_path, values[0]):
+        for s in values:
+            set_lora_scale(pipe, lora_path, s)
             out.append((f"strength {s}", generate(pipe, story.prompt(scene - 1), story.negative, seed=sc.seed,
                                                   cfg_scale=settings["cfg_scale"], steps=settings["steps"],
                                                   height=settings["height"], width=settings["width"])))
