@@ -59,6 +59,22 @@ def test_a_condition_of_another_size_is_fitted_not_refused(cpipe):
     assert img.size == (64, 64)
 
 
+def test_a_fitted_condition_keeps_what_makes_it_a_condition():
+    """What the ControlNet sees after fitting a condition to the output size (here 96 -> 128 px):
+    a colour grid only its own colours, in hard cells; an edge map only white on black."""
+    from PIL import Image
+
+    from kolors_course.control.steer import _condition_image
+
+    ref = W.render(W.Scene("星形", "黄色", "紫色", size="大的", position="右边"), size=96, seed=2)
+    grid = colour(ref, 8)
+    fitted = np.asarray(_condition_image(grid, "colour", 128, 128)).reshape(-1, 3)
+    assert {tuple(c) for c in np.unique(fitted, axis=0)} <= {tuple(c) for c in np.asarray(grid).reshape(-1, 3)}
+    edges = _condition_image(canny(ref), "canny", 128, 128)
+    assert edges.size == (128, 128) and set(np.unique(np.asarray(edges))) <= {0, 255}
+    assert isinstance(edges, Image.Image)
+
+
 def test_bad_control_input_gets_a_clear_message(tiny, cpipe, reference, tiny_pipe):
     edges = canny(reference)
     with pytest.raises(ValueError, match="controlnet=True"):

@@ -92,9 +92,10 @@ def load_reference(image, width: int | None = None, height: int | None = None):
     return img, notes
 
 
-def fit(img, width: int, height: int):
-    """Centre-crop to the target's aspect ratio, then resize: the control image must have the
-    output's size (DiffSynth's annotators keep the input's)."""
+def fit(img, width: int, height: int, resample=None):
+    """Centre-crop to the target's aspect ratio, then resize (``resample``: a PIL filter, LANCZOS
+    unless given): the control image must have the output's size (DiffSynth's annotators keep the
+    input's)."""
     from PIL import Image
 
     for name, v in (("width", width), ("height", height)):
@@ -108,7 +109,7 @@ def fit(img, width: int, height: int):
     else:
         new_h = round(w / target)
         box = (0, (h - new_h) // 2, w, (h - new_h) // 2 + new_h)
-    return img.crop(box).resize((width, height), Image.LANCZOS)
+    return img.crop(box).resize((width, height), Image.LANCZOS if resample is None else resample)
 
 
 # --- the offline conditions -------------------------------------------------------------------

@@ -36,10 +36,10 @@ def _condition_image(image, control: str, width: int, height: int):
                                   f"{type(image).__name__}: make one with kc.extract_condition(reference, {control!r})")
     image, _ = to_rgb(image)                   # 16-bit, palette, transparency: as for a reference
     if image.size != (width, height):
-        image = fit(image, width, height)      # DiffSynth needs the output's size; crop, never stretch
-        if control == "colour":                # a colour grid keeps its hard cell edges
-            image = image.resize(image.size, Image.NEAREST)
-        elif control == "canny":               # resampling greys thin edges: white on black again
+        # DiffSynth needs the output's size; crop, never stretch.  A colour grid keeps its hard cell
+        # edges and its colours (nearest neighbour); resampling greys an edge map's thin lines
+        image = fit(image, width, height, resample=Image.NEAREST if control == "colour" else None)
+        if control == "canny":                 # white on black again
             image = Image.fromarray(np.where(np.asarray(image) > 64, 255, 0).astype(np.uint8))
     if control in EDGE_MAPS:
         dark = float((np.asarray(image.convert("L")) < 40).mean())
