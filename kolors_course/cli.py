@@ -115,13 +115,18 @@ def cmd_fetch(args) -> int:
 
 def cmd_build_tiny(args) -> int:
     """Train the tiny profile's UNet and VAE on the synthetic world (kolors_course.world.build)."""
-    from kolors_course.world.build import STAGES, build_tiny
+    from kolors_course.world.build import STAGES, build_tiny, parse_unet_options
 
+    try:
+        recipe = parse_unet_options(args.unet_option)
+    except ValueError as e:
+        print(f"kolors-course build-tiny: {e}", file=sys.stderr)
+        return 2
     command = "kolors-course build-tiny " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
     manifest = build_tiny(args.out, seed=args.seed, threads=args.threads, quick=args.quick,
                           log_file=args.log_file, command=command, stages=tuple(args.stage or STAGES),
                           vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                          controlnet_steps=args.controlnet_steps)
+                          controlnet_steps=args.controlnet_steps, unet_recipe=recipe)
     if manifest is None:
         print(f"stage(s) {', '.join(args.stage)} written under {args.out}; run `--stage finish` when the others are done")
     else:
@@ -191,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--unet-steps", type=int, default=None, help="UNet training steps (default: the shipped build's)")
     bt.add_argument("--controlnet-steps", type=int, default=None,
                     help="ControlNet-Union training steps (default: the shipped build's)")
+    bt.add_argument("--unet-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one entry of the UNet's training recipe (kolors_course.world.build.UNET_RECIPE, "
+                         "fields of UNetConfig), e.g. x0_weight_cap=10, or =none to switch it off (repeatable)")
     bt.set_defaults(func=cmd_build_tiny)
     return p
 

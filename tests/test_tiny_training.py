@@ -135,3 +135,55 @@ def test_the_stages_can_run_apart_reproducibly_and_must_agree(quick_build, tmp_p
         build_tiny(out, quick=True, seed=0, stages=("finish",), evaluate_result=False)
     with pytest.raises(FileNotFoundError, match="vae"):
         build_tiny(tmp_path / "empty", quick=True, stages=("finish",))
+
+
+def test_the_shape_coverage_is_where_render_draws_the_shape():
+    """The UNet's loss weights (``shape_weight``) follow the shape as ``render`` draws it: the
+    coverage of each latent cell is the shape's alpha there, read back from the flat-style picture."""
+    import numpy as np
+
+    from kolors_course.world import scenes as W
+
+    for i, s in enumerate(W.sample_scenes(12, seed=4)):
+        s = W.Scene(**{**s.as_dict(), "style": "扁平"})
+        img = np.asarray(W.render(s, seed=i), np.float32)
+        fg, bg = (np.asarray(c, np.float32) for c in W.scene_colours(s))
+        alpha = ((img - bg) @ (fg - bg)) / float((fg - bg) @ (fg - bg))
+        cells = alpha.reshape(16, 8, 16, 8).mean(axis=(1, 3))
+        cov = W.shape_coverage(s, seed=i)
+        assert cov.shape == (16, 16) and 0.02 < cov.mean() < 0.15
+        assert np.abs(cells - cov).max() < 0.03, (s, np.abs(cells - cov).max())
+        # another seed jitters the layout, and the coverage moves with it
+        assert np.abs(W.shape_coverage(s, seed=i + 100) - cov).max() > 0.1
+
+
+def test_the_cell_weighted_loss_counts_the_shape_cells_more():
+    from kolors_course.world.train_unet import UNetConfig, cell_weighted_mse, train_unet
+
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 16, 16, generator=gen), torch.zeros(2, 4, 16, 16)
+    plain = cell_weighted_mse(pred, target, None)
+    assert torch.allclose(plain, ((pred - target) ** 2).mean(dim=(1, 2, 3)))
+    assert torch.allclose(cell_weighted_mse(pred, target, torch.full((2, 1, 16, 16), 3.0)), plain)
+    # an error only in the "shape" cells costs more once those cells are weighted up
+    shape = torch.zeros(2, 1, 16, 16)
+    shape[:, :, 6:10, 6:10] = 1.0
+    err_in_shape = pred * shape
+    weighted = cell_weighted_mse(err_in_shape, target, 1.0 + 12.0 * shape)
+    assert (weighted > 5 * cell_weighted_mse(err_in_shape, target, None)).all()
+    with pytest.raises(ValueError, match="cell_weights"):
+        train_unet(None, torch.zeros(1, 4, 16, 16), [[0]], torch.zeros(1, 1, 8), torch.zeros(1, 8),
+                   UNetConfig(steps=1, shape_weight=2.0))
+
+
+def test_a_recipe_override_is_checked_before_anything_trains(tmp_path):
+    from kolors_course.world.build import parse_unet_options
+
+    assert parse_unet_options(["x0_weight_cap=10", "shape_weight=none"]) == {"x0_weight_cap": 10.0,
+                                                                           "shape_weight": None}
+    for bad in (["x0_weight_cap"], ["=3"], ["shape_weight=lots"]):
+        with pytest.raises(ValueError, match="--unet-option"):
+            parse_unet_options(bad)
+    with pytest.raises(ValueError, match="unknown UNet recipe entries"):
+        build_tiny(tmp_path / "out", quick=True, stages=("unet",), unet_recipe={"shape_wieght": 3.0})
+    assert not (tmp_path / "out" / T.UNET_REL).exists()

@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kolors_course.world import scenes as W
@@ -66,15 +67,27 @@ def _knobs(quick: bool, overrides: dict) -> dict:
     return knobs
 
 
+def _render_seed(seed: int, i: int) -> int:
+    """The seed training picture ``i`` is drawn with (its layout jitter)."""
+    return seed * 1_000_003 + i
+
+
 def _world(knobs: dict, seed: int, size: int, quick: bool):
     """The training pictures (uint8), their captions, and held-out pictures: same seed, same bytes."""
     scene_list = W.sample_scenes(knobs["n_scenes"], seed=seed)
-    pixels = images_to_tensor([W.render(s, size=size, seed=seed * 1_000_003 + i) for i, s in enumerate(scene_list)])
+    pixels = images_to_tensor([W.render(s, size=size, seed=_render_seed(seed, i)) for i, s in enumerate(scene_list)])
     rng = random.Random(f"captions:{seed}")
     captions = [[W.caption(s, rng) for _ in range(knobs["captions_per_scene"])] for s in scene_list]
     held_out = W.sample_scenes(64 if not quick else 8, seed=seed + 7919)
     held_pixels = images_to_tensor([W.render(s, size=size, seed=10 ** 6 + i) for i, s in enumerate(held_out)])
     return pixels, captions, held_pixels
+
+
+def _shape_coverage(knobs: dict, seed: int, size: int) -> torch.Tensor:
+    """N x 1 x h x w: the share of each latent cell the shape of training picture i covers."""
+    scene_list = W.sample_scenes(knobs["n_scenes"], seed=seed)
+    return torch.from_numpy(np.stack([W.shape_coverage(s, size=size, seed=_render_seed(seed, i))
+                                      for i, s in enumerate(scene_list)])).unsqueeze(1)
 
 
 def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps: int | None = None,
@@ -84,7 +97,7 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
                unet_batch: int | None = None, vae_batch: int | None = None,
                unet_lr: float = 1e-3, vae_lr: float = 1e-3, dtype: str = "float16",
                eval_seeds: int = 12, evaluate_result: bool = True, log_file: str | None = None,
-               command: str | None = None, stages=STAGES) -> dict | None:
+               command: str | None = None, stages=STAGES, unet_recipe: dict | None = None) -> dict | None:
     """Train and write the tiny UNet and VAE under ``out_dir``; returns the manifest.
 
     The stages are independent until ``finish``: the UNet trains on latents that are a fixed
@@ -104,6 +117,10 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
         knobs = _knobs(quick, dict(n_scenes=n_scenes, captions_per_scene=captions_per_scene, vae_images=vae_images,
                                    vae_steps=vae_steps, unet_steps=unet_steps, unet_batch=unet_batch,
                                    vae_batch=vae_batch, controlnet_steps=controlnet_steps))
+        recipe = {**UNET_RECIPE, **(unet_recipe or {})}
+        unknown = set(recipe) - set(UNetConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown UNet recipe entries {sorted(unknown)}: see UNetConfig")
         settings = {**knobs, "seed": seed, "threads": threads, "quick": quick, "unet_lr": unet_lr,
                     "vae_lr": vae_lr, "dtype": dtype}
         out_dir = Path(out_dir)
@@ -126,7 +143,7 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
                            command, log)
             if "unet" in stages:
                 _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, unet_lr, dtype,
-                            command, log)
+                            command, log, recipe)
             if "controlnet" in stages:
                 _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, dtype, command, log)
         if "finish" not in stages:
@@ -164,7 +181,8 @@ def _vae_stage(out_dir, pixels, held_pixels, stats, knobs, settings, seed, quick
                    "vae_heldout_psnr_db": held_psnr, "vae_encoder_error": enc_err}})
 
 
-def _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, unet_lr, dtype, command, log):
+def _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, unet_lr, dtype, command, log,
+                recipe=UNET_RECIPE):
     """Train the UNet on the cell latents and the cached captions and write it (parts/unet.json)."""
     import kolors_course.models.tiny as T
 
@@ -176,8 +194,10 @@ def _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, 
     unet = T.diffsynth_classes()["sdxl_unet"]()
     cfg = UNetConfig(steps=knobs["unet_steps"], batch_size=knobs["unet_batch"], learning_rate=unet_lr, seed=seed,
                      log_every=100 if not quick else 5, warmup_steps=100 if not quick else 2,
-                     ema_decay=0.999 if not quick else 0.9, **UNET_RECIPE)
-    run = train_unet(unet, latents, rows, hidden, pooled, cfg, scheduler=kolors_scheduler(), log=log)
+                     ema_decay=0.999 if not quick else 0.9, **recipe)
+    coverage = _shape_coverage(knobs, seed, T.IMAGE_SIZE) if cfg.shape_weight else None
+    run = train_unet(unet, latents, rows, hidden, pooled, cfg, scheduler=kolors_scheduler(), log=log,
+                     cell_weights=coverage)
     if (out_dir / T.UNET_REL).parent.exists():
         shutil.rmtree((out_dir / T.UNET_REL).parent)
     T.write_unet(run["ema"].state_dict(), out_dir, dtype=getattr(torch, dtype))
@@ -408,6 +428,21 @@ def vae_round_trip(pipe, image):
     return pipe.decode_image(pipe.encode_image(x))
 
 
+def parse_unet_options(items) -> dict:
+    """``["x0_weight_cap=10", "shape_weight=none"]`` -> ``{"x0_weight_cap": 10.0, "shape_weight": None}``
+    (the ``--unet-option`` flags; ``build_tiny`` checks the keys against ``UNetConfig``)."""
+    recipe = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--unet-option takes KEY=VALUE, not {item!r}")
+        try:
+            recipe[key] = None if value.lower() == "none" else float(value)
+        except ValueError:
+            raise ValueError(f"--unet-option {key}: {value!r} is not a number or 'none'") from None
+    return recipe
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -421,10 +456,16 @@ def main(argv=None) -> int:
     ap.add_argument("--controlnet-steps", type=int)
     ap.add_argument("--stage", action="append", choices=STAGES)
     ap.add_argument("--log-file")
+    ap.add_argument("--unet-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one entry of the UNet's recipe (UNET_RECIPE), e.g. x0_weight_cap=10 or =none")
     a = ap.parse_args(argv)
+    try:
+        recipe = parse_unet_options(a.unet_option)
+    except ValueError as e:
+        ap.error(str(e))
     build_tiny(a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
                controlnet_steps=a.controlnet_steps, stages=tuple(a.stage or STAGES), threads=a.threads,
-               quick=a.quick, log_file=a.log_file, command=" ".join(["python -m kolors_course.world.build"] + sys.argv[1:]))
+               quick=a.quick, log_file=a.log_file, unet_recipe=recipe, command=" ".join(["python -m kolors_course.world.build"] + sys.argv[1:]))
     return 0
 
 

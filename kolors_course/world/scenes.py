@@ -218,6 +218,15 @@ def render(scene: Scene, size: int = 128, seed: int = 0, lora_style: bool = Fals
     return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8), "RGB")
 
 
+def shape_coverage(scene: Scene, size: int = 128, seed: int = 0, cell: int = 8) -> np.ndarray:
+    """The share of each ``cell`` x ``cell`` block that the shape covers in ``render(scene, size,
+    seed)`` (same layout, same jitter): a (size/cell) x (size/cell) float array in [0, 1]."""
+    cx, cy, r = layout(scene, size, random.Random(f"render:{seed}"))
+    mask = np.asarray(shape_mask(scene.shape, cx, cy, r, size), np.float32) / 255.0
+    n = size // cell
+    return mask[: n * cell, : n * cell].reshape(n, cell, n, cell).mean(axis=(1, 3))
+
+
 # --- sampling scenes -----------------------------------------------------------------
 #: how often each style and painter appears (flat and "no painter" are the defaults)
 STYLE_WEIGHTS = {"扁平": 0.6, "渐变": 0.2, "条纹": 0.2}
