@@ -174,21 +174,18 @@ def test_the_colour_layout_follows_the_colour_condition(control):
     assert c["1"] <= 0.5 * c["0"], c
 
 
-def test_which_words_the_shipped_unet_reads():
+def test_which_words_the_shipped_unet_reads(pipe):
     """One level below the pictures (README "The tiny world"): the shipped UNet reads the
     background's colour word where the background is, and what the wrong captions cost is finite
     and measured, not assumed."""
     import json
     from pathlib import Path
 
-    import kolors_course.models.tiny as T
     from kolors_course.world.diagnose import word_reliance
     from kolors_course.world.train_vae import CellStats
 
     folder = Path(E.__file__).resolve().parent / "weights"
     stats = CellStats(**json.loads((folder / "manifest.json").read_text())["cell_stats"])
-    unet = T.diffsynth_classes()["sdxl_unet"]()
-    unet.load_state_dict({k: v.float() for k, v in T.load_diffsynth_state("unet", folder / T.UNET_REL)["sdxl_unet"].items()})
-    r = word_reliance(unet.eval(), stats, n=24, timesteps=(900,))[900]
+    r = word_reliance(pipe.unet.eval(), stats, n=24, timesteps=(900,), weights=folder)[900]
     assert r["background_cells"]["background"] > 1.3, r      # a wrong background word costs there
     assert all(0.2 < v < 20 for cells in r.values() for v in cells.values()), r

@@ -56,7 +56,7 @@ def test_quick_build_loads_through_the_kit(quick_build, tmp_path):
     from diffsynth.prompters import KolorsPrompter
 
     prompter = KolorsPrompter()
-    prompter.fetch_models(T.text_encoder_module())
+    prompter.fetch_models(T.text_encoder_module(out))          # with the build's trained layers, if any
     a_pooled, a = prompter.encode_prompt("一个红色的圆形，蓝色背景", clip_skip=1, clip_skip_2=2, device="cpu")
     b = pipe.encode_prompt("一个红色的圆形，蓝色背景", positive=True)
     assert torch.allclose(a, b["encoder_hidden_states"].cpu(), atol=1e-6)
@@ -179,11 +179,84 @@ def test_the_cell_weighted_loss_counts_the_shape_cells_more():
 def test_a_recipe_override_is_checked_before_anything_trains(tmp_path):
     from kolors_course.world.build import parse_unet_options
 
-    assert parse_unet_options(["x0_weight_cap=10", "shape_weight=none"]) == {"x0_weight_cap": 10.0,
-                                                                           "shape_weight": None}
+    assert parse_unet_options(["x0_weight_cap=10", "shape_weight=none", "train_text_encoder=True"]) == {
+        "x0_weight_cap": 10.0, "shape_weight": None, "train_text_encoder": True}
     for bad in (["x0_weight_cap"], ["=3"], ["shape_weight=lots"]):
         with pytest.raises(ValueError, match="--unet-option"):
             parse_unet_options(bad)
     with pytest.raises(ValueError, match="unknown UNet recipe entries"):
         build_tiny(tmp_path / "out", quick=True, stages=("unet",), unet_recipe={"shape_wieght": 3.0})
     assert not (tmp_path / "out" / T.UNET_REL).exists()
+
+
+def test_the_caption_encoder_is_the_prompters_own_call_and_trains_only_the_layers():
+    """``CaptionEncoder`` (captions encoded at each step, for a text encoder that trains) gives what
+    the pipeline's prompter gives for the same text encoder, and a short joint run moves the
+    transformer layers, never the word embeddings."""
+    from diffsynth.prompters import KolorsPrompter
+
+    from kolors_course.world.train_unet import CaptionEncoder, UNetConfig, encode_captions, train_unet
+
+    prompter = KolorsPrompter()
+    prompter.fetch_models(T.text_encoder_module())
+    caps = ["一个红色的圆形，蓝色背景", "蓝色背景上的一个大的红色圆形，在左边", ""]
+    index, hidden, pooled = encode_captions(prompter, caps, log=None)
+    text = CaptionEncoder(prompter, caps)
+    rows = [text.index[c] for c in caps]
+    h, p = text(rows)
+    assert torch.allclose(h, hidden[[index[c] for c in caps]].float(), atol=2e-3)     # hidden is cached as float16
+    assert torch.allclose(p, pooled[[index[c] for c in caps]], atol=1e-5)
+    before = {n: t.detach().clone() for n, t in text.text_encoder.named_parameters()}
+    torch.manual_seed(0)
+    unet = T.diffsynth_classes()["sdxl_unet"]()
+    cfg = UNetConfig(steps=3, batch_size=2, warmup_steps=1, train_text_encoder=True, log_every=100)
+    run = train_unet(unet, torch.randn(3, 4, 16, 16), [[r] for r in rows], None, None, cfg, log=None, text=text)
+    after = dict(text.text_encoder.named_parameters())
+    assert set(run["text_encoder"]) == set(text.trainable) and "embedding.word_embeddings.weight" not in text.trainable
+    assert torch.equal(after["embedding.word_embeddings.weight"], before["embedding.word_embeddings.weight"])
+    moved = [n for n in text.trainable if not torch.equal(after[n], before[n])]
+    assert "encoder.layers.0.self_attention.query_key_value.weight" in moved
+    with pytest.raises(ValueError, match="CaptionEncoder"):
+        train_unet(unet, torch.randn(3, 4, 16, 16), [[r] for r in rows], None, None, cfg, log=None)
+    with pytest.raises(ValueError, match="train_text_encoder is off"):
+        train_unet(unet, torch.randn(3, 4, 16, 16), [[r] for r in rows], hidden, pooled,
+                   UNetConfig(steps=1, batch_size=2), log=None, text=text)
+
+
+def test_a_build_with_a_trained_text_encoder_ships_its_layers_and_the_pipeline_uses_them(tmp_path):
+    """The text encoder's trained layers are written, listed in the manifest, laid over the seeded
+    text encoder in the profile's cache (the pipeline encodes with them), and belong to their UNet:
+    a UNet retrained beside the frozen text encoder removes them, and stray layers are refused."""
+    from kolors_course.models.loading import text_encoder_file_keys
+
+    out = tmp_path / "te"
+    m = build_tiny(out, quick=True, seed=0, unet_recipe={"train_text_encoder": True}, evaluate_result=False)
+    layers = T.trained_text_encoder_layers(out)
+    assert str(T.TEXT_ENCODER_TRAINED_REL) in m["files"] and "trained with the UNet" in m["what"]
+    assert layers and not any(k.startswith(("embedding.", "output_layer.")) for k in layers)
+    seeded = dict(T.text_encoder_module().named_parameters())
+    assert any(not torch.equal(v, seeded[k]) for k, v in layers.items())
+    cache = T.install_trained_models(tmp_path / "cache", out)
+    assert not (cache / T.TEXT_ENCODER_TRAINED_REL).exists()
+    assert text_encoder_file_keys(cache / T.TEXT_ENCODER_REL) == set(T.text_encoder_module().state_dict())
+    pipe = pipeline_from(out, tmp_path / "cache")
+    from diffsynth.prompters import KolorsPrompter
+
+    for te, same in ((T.text_encoder_module(out), True), (T.text_encoder_module(), False)):
+        prompter = KolorsPrompter()
+        prompter.fetch_models(te)
+        _, a = prompter.encode_prompt("一个红色的圆形，蓝色背景", clip_skip=1, clip_skip_2=2, device="cpu")
+        b = pipe.encode_prompt("一个红色的圆形，蓝色背景", positive=True)["encoder_hidden_states"].cpu()
+        assert torch.allclose(a, b, atol=1e-6) is same
+    # a UNet retrained beside the frozen text encoder takes the layers away ...
+    build_tiny(out, quick=True, seed=0, stages=("unet",))
+    assert not (out / T.TEXT_ENCODER_TRAINED_REL).exists()
+    # ... and layers that no UNet record claims are refused at finish
+    (out / "parts" / "controlnet.json").unlink()          # (the old ControlNet is refused too, first)
+    T.write_text_encoder_layers(layers, out)
+    with pytest.raises(ValueError, match="belongs to another UNet"):
+        build_tiny(out, quick=True, seed=0, stages=("finish",), evaluate_result=False)
+    bad = tmp_path / "bad"
+    T.write_text_encoder_layers({"encoder.layers.9.mlp.dense_4h_to_h.weight": torch.zeros(64, 128)}, bad)
+    with pytest.raises(T.ShippedWeightsError, match="another build"):
+        T.text_encoder_module(bad)

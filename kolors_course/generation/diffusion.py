@@ -211,9 +211,18 @@ def train_from_scratch(profile, prompt: str = "一个红色的圆形，蓝色背
         run.samples.append((step, generate(pipe, prompt, seed=sample_seed, steps=n_steps, cfg_scale=cfg_scale)))
 
     sample(0)
+    # The build's recipe, but the text encoder the profile loads stays as it is (where the build
+    # trained its layers with the UNet, they are kept): this lesson trains the UNet alone.
+    recipe = {**UNET_RECIPE, "train_text_encoder": False}
     cfg = UNetConfig(steps=steps, batch_size=batch_size, learning_rate=1e-3, warmup_steps=min(10, steps),
-                     seed=seed, log_every=10 ** 9, ema_decay=0.0, **UNET_RECIPE)
-    out = train_unet(pipe.unet, latents, rows, hidden, pooled, cfg, log=None,
+                     seed=seed, log_every=10 ** 9, ema_decay=0.0, **recipe)
+    coverage = None
+    if cfg.shape_weight:
+        import numpy as np
+
+        coverage = torch.from_numpy(np.stack([W.shape_coverage(s, size=size, seed=i)
+                                              for i, s in enumerate(scene_list)])).unsqueeze(1)
+    out = train_unet(pipe.unet, latents, rows, hidden, pooled, cfg, log=None, cell_weights=coverage,
                      callback=lambda done, _: sample(done) if done % sample_every == 0 or done == steps else None)
     run.losses = out["losses"]
     run.seconds = time.perf_counter() - t0

@@ -5,7 +5,8 @@ a small synthetic world of coloured shapes with Chinese captions; the kit ships 
 ``kolors_course/world/weights/`` and ``build_tiny_models`` puts it into the tiny profile's cache
 after checking it against its manifest's SHA-256 (``build_random_tiny_models`` gives the same
 files with seeded random weights, the "before training" baseline).  The 2-layer ChatGLM text
-encoder stays random (and frozen during training): it is rebuilt from its seed, bit for bit.
+encoder is rebuilt from its seed, bit for bit; a build that trained its two transformer layers
+with the UNet ships those (``TEXT_ENCODER_TRAINED_REL``, 0.3 MB) and they are laid over it.
 
 The files are written once, in the same on-disk layout and format as the real
 weights on ModelScope (diffusers-format UNet and VAE, a Hugging Face folder for
@@ -47,6 +48,8 @@ RANDOM_FORMAT_VERSION = 1   # a cache of the seeded random weights (build_tiny_m
 
 UNET_REL = Path("Kwai-Kolors/Kolors/unet/diffusion_pytorch_model.safetensors")
 TEXT_ENCODER_REL = Path("Kwai-Kolors/Kolors/text_encoder")
+#: in a build folder only: the text encoder's trained layers (the cache gets the whole model.safetensors)
+TEXT_ENCODER_TRAINED_REL = TEXT_ENCODER_REL / "trained_layers.safetensors"
 VAE_REL = Path("AI-ModelScope/sdxl-vae-fp16-fix/diffusion_pytorch_model.safetensors")
 #: the SDXL ControlNet-Union ("promax") file, where DiffSynth's own model list puts it on ModelScope
 CONTROLNET_REL = Path("AI-ModelScope/controlnet-union-sdxl-1.0/diffusion_pytorch_model_promax.safetensors")
@@ -328,28 +331,66 @@ def _save_safetensors(state: dict, path: Path, metadata: dict | None = None) -> 
     save_file(state, str(path), metadata=metadata or {"format": "pt"})
 
 
-def text_encoder_module():
-    """The tiny ChatGLM text encoder, its weights drawn from its seed (never trained)."""
+def trained_text_encoder_layers(weights=None) -> dict:
+    """The text encoder's trained tensors in build folder ``weights`` (``TEXT_ENCODER_TRAINED_REL``:
+    its two transformer layers, trained with the UNet), float32; ``{}`` for a build whose text
+    encoder stayed random.  The word embeddings and the unused output layer (65,024 x 64 each, 33 MB
+    in float32) are never trained: they are rebuilt from the seed, which keeps the shipped files small."""
+    if weights is None:
+        return {}
+    path = Path(weights) / TEXT_ENCODER_TRAINED_REL
+    if not path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def _text_encoder_state(weights=None) -> dict:
+    from diffsynth.models.kolors_text_encoder import ChatGLMConfig, ChatGLMModel
+
+    cfg = text_encoder_config()
+    te_cfg = ChatGLMConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+    state = _seeded_state(ChatGLMModel(te_cfg), SEED + 2)
+    trained = trained_text_encoder_layers(weights)
+    unknown = sorted(set(trained) - set(state))
+    if unknown:
+        raise ShippedWeightsError(f"{Path(weights) / TEXT_ENCODER_TRAINED_REL} holds tensors the tiny text encoder "
+                                  f"does not have ({unknown[:3]}); it belongs to another build: rebuild it")
+    for k, v in trained.items():
+        if v.shape != state[k].shape:
+            raise ShippedWeightsError(f"{Path(weights) / TEXT_ENCODER_TRAINED_REL}: {k} has shape "
+                                      f"{tuple(v.shape)}, the tiny text encoder {tuple(state[k].shape)}")
+    state.update(trained)
+    return state
+
+
+def text_encoder_module(weights=None):
+    """The tiny ChatGLM text encoder: its weights drawn from its seed, with the trained layers of
+    build folder ``weights`` laid over them where it has them (``trained_text_encoder_layers``)."""
     from diffsynth.models.kolors_text_encoder import ChatGLMConfig, ChatGLMModel
 
     cfg = text_encoder_config()
     te_cfg = ChatGLMConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
     model = ChatGLMModel(te_cfg)
-    model.load_state_dict(_seeded_state(model, SEED + 2))
+    model.load_state_dict(_text_encoder_state(weights))
     return model.eval()
 
 
-def write_text_encoder(root: Path) -> Path:
-    """The text encoder folder (Hugging Face layout) under ``root``."""
-    from diffsynth.models.kolors_text_encoder import ChatGLMConfig, ChatGLMModel
-
-    cfg = text_encoder_config()
-    te_cfg = ChatGLMConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
-    te_state = _seeded_state(ChatGLMModel(te_cfg), SEED + 2)
+def write_text_encoder(root: Path, weights=None) -> Path:
+    """The text encoder folder (Hugging Face layout) under ``root``: seeded, with the trained
+    layers of build folder ``weights`` where it has them."""
     te_dir = Path(root) / TEXT_ENCODER_REL
-    _save_safetensors(te_state, te_dir / "model.safetensors")
-    (te_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    _save_safetensors(_text_encoder_state(weights), te_dir / "model.safetensors")
+    (te_dir / "config.json").write_text(json.dumps(text_encoder_config(), indent=2))
     return te_dir
+
+
+def write_text_encoder_layers(state: dict, root: Path) -> Path:
+    """The trained tensors of a text encoder (all but the frozen embeddings) into build folder ``root``."""
+    path = Path(root) / TEXT_ENCODER_TRAINED_REL
+    _save_safetensors({k: v.detach().float().contiguous() for k, v in sorted(state.items())}, path)
+    return path
 
 
 # --- DiffSynth state dicts <-> the diffusers files --------------------------------------
@@ -502,14 +543,14 @@ def _cache_is(cache_dir: Path, version: int, weights_sha256: dict | None = None)
         weights_sha256 is None or info.get("weights_sha256") == weights_sha256)
 
 
-def _write_cache(cache_dir: Path, fill, marker: dict) -> Path:
+def _write_cache(cache_dir: Path, fill, marker: dict, weights=None) -> Path:
     """Build a cache folder beside ``cache_dir`` with ``fill(folder)``, the text encoder and the
     marker (written last), then rename it into place: an interrupted build leaves no half model."""
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=cache_dir.parent))
     try:
         fill(tmp)
-        write_text_encoder(tmp)
+        write_text_encoder(tmp, weights)
         (tmp / "tiny_models.json").write_text(json.dumps(dict(marker, seed=SEED), indent=2))
         if cache_dir.exists():
             shutil.rmtree(cache_dir)
@@ -566,6 +607,8 @@ def install_trained_models(cache_dir: str | os.PathLike, weights: Path, force: b
 
     def fill(folder: Path) -> None:
         for rel in manifest["files"]:         # UNet, VAE (and ControlNet), each with its config.json
+            if Path(rel) == TEXT_ENCODER_TRAINED_REL:
+                continue                      # laid over the seeded text encoder by _write_cache
             dst = folder / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(weights / rel, dst)
@@ -574,7 +617,9 @@ def install_trained_models(cache_dir: str | os.PathLike, weights: Path, force: b
         "format_version": FORMAT_VERSION,
         "weights_sha256": shas,
         "note": "tiny Kolors-architecture models: UNet and VAE trained on the kit's synthetic world "
-                "(kolors_course/world), text encoder random from its seed"})
+                "(kolors_course/world), text encoder rebuilt from its seed"
+                + (" with its trained layers" if (weights / TEXT_ENCODER_TRAINED_REL).is_file() else "")},
+        weights=weights)
 
 
 def _jsonable(cfg: dict) -> dict:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from kolors_course.world import scenes as W
-from kolors_course.world.train_unet import UNetConfig, encode_captions, kolors_scheduler, train_unet
+from kolors_course.world.train_unet import CaptionEncoder, UNetConfig, encode_captions, kolors_scheduler, train_unet
 from kolors_course.world.train_vae import CellStats, VAEConfig, encoder_error, fold_latent_scale, images_to_tensor, \
     psnr, target_latents, train_vae
 
@@ -188,34 +188,53 @@ def _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, 
 
     t0 = time.perf_counter()
     latents = target_latents(pixels, stats)
-    rows, hidden, pooled, n_captions, _ = _encoded_captions(captions, log)
-    log(f"latents {tuple(latents.shape)}; {n_captions} distinct captions encoded in {time.perf_counter() - t0:.0f} s")
     torch.manual_seed(seed + 1)
     unet = T.diffsynth_classes()["sdxl_unet"]()
     cfg = UNetConfig(steps=knobs["unet_steps"], batch_size=knobs["unet_batch"], learning_rate=unet_lr, seed=seed,
                      log_every=100 if not quick else 5, warmup_steps=100 if not quick else 2,
                      ema_decay=0.999 if not quick else 0.9, **recipe)
+    text = None
+    if cfg.train_text_encoder:
+        # the captions are encoded at every step by a text encoder whose layers train with the UNet
+        from diffsynth.prompters import KolorsPrompter
+
+        prompter = KolorsPrompter()
+        prompter.fetch_models(T.text_encoder_module())
+        text = CaptionEncoder(prompter, [c for cs in captions for c in cs])
+        rows, hidden, pooled, n_captions = [[text.index[c] for c in cs] for cs in captions], None, None, len(text.index)
+    else:
+        rows, hidden, pooled, n_captions, _ = _encoded_captions(captions, log)
+    log(f"latents {tuple(latents.shape)}; {n_captions} distinct captions "
+        f"{'tokenised' if text else 'encoded'} in {time.perf_counter() - t0:.0f} s")
     coverage = _shape_coverage(knobs, seed, T.IMAGE_SIZE) if cfg.shape_weight else None
     run = train_unet(unet, latents, rows, hidden, pooled, cfg, scheduler=kolors_scheduler(), log=log,
-                     cell_weights=coverage)
+                     cell_weights=coverage, text=text)
     if (out_dir / T.UNET_REL).parent.exists():
         shutil.rmtree((out_dir / T.UNET_REL).parent)
     T.write_unet(run["ema"].state_dict(), out_dir, dtype=getattr(torch, dtype))
+    # the text encoder's trained layers belong to this UNet: a UNet trained beside the seeded,
+    # frozen one must not find an older build's layers next to it
+    (out_dir / T.TEXT_ENCODER_TRAINED_REL).unlink(missing_ok=True)
+    if text is not None:
+        T.write_text_encoder_layers(run["text_encoder"], out_dir)
     _write_part(out_dir, "unet", settings, command, {
         "seconds": run["seconds"], "config": {**asdict(cfg), "adam_betas": list(cfg.adam_betas)},
         "parameters": sum(p.numel() for p in unet.parameters()), "distinct_captions": n_captions,
+        "text_encoder_trained": text is not None,
+        "text_encoder_trained_parameters": sum(p.numel() for p in text.trainable.values()) if text else 0,
         "losses": {"unet_first": _head(run["losses"], 20), "unet_final": _tail(run["losses"], 100)}})
 
 
-def _encoded_captions(captions, log, extra=()):
-    """Every distinct caption (and ``extra`` texts) through the frozen tiny ChatGLM, as the pipeline's
-    prompter encodes it.  Returns the rows of each picture's captions, the embeddings, the number of
-    distinct captions and ``{text: row}`` for ``extra``."""
+def _encoded_captions(captions, log, extra=(), weights=None):
+    """Every distinct caption (and ``extra`` texts) through the frozen tiny ChatGLM (with the trained
+    layers of build folder ``weights``, where it has them), as the pipeline's prompter encodes it.
+    Returns the rows of each picture's captions, the embeddings, the number of distinct captions and
+    ``{text: row}`` for ``extra``."""
     import kolors_course.models.tiny as T
     from diffsynth.prompters import KolorsPrompter
 
     prompter = KolorsPrompter()
-    prompter.fetch_models(T.text_encoder_module())
+    prompter.fetch_models(T.text_encoder_module(weights))
     index, hidden, pooled = encode_captions(prompter, [c for cs in captions for c in cs] + list(extra), log=log)
     return [[index[c] for c in cs] for cs in captions], hidden, pooled, len(index), {t: index[t] for t in extra}
 
@@ -249,7 +268,7 @@ def _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, q
     unet.load_state_dict(T.load_diffsynth_state("unet", unet_path)["sdxl_unet"])
     latents = target_latents(pixels, stats)
     conds = world_conditions(pixels)
-    rows, hidden, pooled, n_captions, extra = _encoded_captions(captions, log, extra=("",))
+    rows, hidden, pooled, n_captions, extra = _encoded_captions(captions, log, extra=("",), weights=out_dir)
     log(f"controlnet: {len(pixels)} pictures with their canny and colour conditions, {n_captions} captions "
         f"({time.perf_counter() - t0:.0f} s)")
     cn, shared = controlnet_from_unet(unet, classes["sdxl_controlnet"], seed=seed + 2)
@@ -313,9 +332,20 @@ def _finish(out_dir: Path, settings: dict, command, eval_seeds, evaluate_result,
     for rel in rels:
         for p in (out_dir / rel, (out_dir / rel).with_name("config.json")):
             files[str(p.relative_to(out_dir))] = {"sha256": T.sha256(p), "bytes": p.stat().st_size}
+    te_layers = out_dir / T.TEXT_ENCODER_TRAINED_REL
+    if parts["unet"].get("text_encoder_trained"):
+        if not te_layers.is_file():
+            raise FileNotFoundError(f"{te_layers} is missing: the UNet in {out_dir} was trained with it; run the "
+                                    "unet stage again")
+        files[str(T.TEXT_ENCODER_TRAINED_REL)] = {"sha256": T.sha256(te_layers), "bytes": te_layers.stat().st_size}
+    elif te_layers.is_file():
+        raise ValueError(f"{te_layers} belongs to another UNet (this one trained beside the frozen seeded "
+                         "text encoder): delete it or run the unet stage again")
     manifest = {
         "what": "tiny Kolors-architecture UNet and VAE (and SDXL ControlNet-Union, canny and colour) trained on "
-                "kolors_course.world (text encoder: random, rebuilt from its seed by kolors_course.models.tiny)",
+                "kolors_course.world (text encoder: rebuilt from its seed by kolors_course.models.tiny"
+                + (", its two transformer layers trained with the UNet" if parts["unet"].get("text_encoder_trained")
+                   else ", random and frozen") + ")",
         "command": parts["unet"]["command"] if len({part["command"] for part in parts.values()}) == 1 else
         {**{name: part["command"] for name, part in parts.items()}, "finish": command},
         "seed": a["seed"], "threads": {"vae": a["threads"], "unet": b["threads"]}, "quick": a["quick"],
@@ -436,10 +466,13 @@ def parse_unet_options(items) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--unet-option takes KEY=VALUE, not {item!r}")
+        if value.lower() in ("true", "false"):
+            recipe[key] = value.lower() == "true"
+            continue
         try:
             recipe[key] = None if value.lower() == "none" else float(value)
         except ValueError:
-            raise ValueError(f"--unet-option {key}: {value!r} is not a number or 'none'") from None
+            raise ValueError(f"--unet-option {key}: {value!r} is not a number, true/false or 'none'") from None
     return recipe
 
 

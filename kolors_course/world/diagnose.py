@@ -37,9 +37,11 @@ def _captions(scene_list, seed: int) -> list[dict]:
 
 
 @torch.no_grad()
-def word_reliance(unet, stats, n: int = 48, seed: int = 777, timesteps=TIMESTEPS) -> dict:
+def word_reliance(unet, stats, n: int = 48, seed: int = 777, timesteps=TIMESTEPS, weights=None) -> dict:
     """``{timestep: {"shape_cells": {wrong: ratio}, "background_cells": {wrong: ratio}}}`` for a
-    DiffSynth tiny UNet (eval mode) and the build's latent ``CellStats``."""
+    DiffSynth tiny UNet (eval mode) and the build's latent ``CellStats``; the captions go through
+    the text encoder of build folder ``weights`` (its trained layers, where it has them: the UNet
+    was trained beside that one), else the seeded one."""
     import kolors_course.models.tiny as T
     from diffsynth.prompters import KolorsPrompter
 
@@ -53,7 +55,7 @@ def word_reliance(unet, stats, n: int = 48, seed: int = 777, timesteps=TIMESTEPS
         [W.shape_coverage(s, seed=seed * 1000 + i) for i, s in enumerate(scene_list)])).unsqueeze(1)
     caps = _captions(scene_list, seed)
     prompter = KolorsPrompter()
-    prompter.fetch_models(T.text_encoder_module())
+    prompter.fetch_models(T.text_encoder_module(weights))
     index, hidden, pooled = encode_captions(prompter, [c for cs in caps for c in cs.values()], log=None)
     alphas = torch.tensor(kolors_scheduler().alphas_cumprod)
     side = x0.shape[-1] * 8

@@ -4,6 +4,8 @@ The loop of diffusers' ``train_text_to_image.py``, on a CPU and with everything 
 - latents: every picture encoded once by the (frozen, trained) VAE encoder;
 - text: every distinct caption encoded once by the frozen tiny ChatGLM through the
   pipeline's own ``KolorsPrompter`` (the same call the pipeline makes at generation time);
+  or, with ``CaptionEncoder``, tokenised once and encoded at every step by a text encoder whose
+  transformer layers train with the UNet (``UNetConfig.train_text_encoder``);
 - noise and timesteps from the pipeline's own scheduler (DiffSynth's ``EnhancedDDIMScheduler``
   as the Kolors pipeline builds it, 1,100 training timesteps), epsilon target;
 - min-SNR loss weighting (Hang et al. 2023): easy, low-noise timesteps stop dominating;
@@ -55,6 +57,14 @@ class UNetConfig:
     # UNet learns backgrounds, leaving the shape a faint smudge whose colour does not follow the
     # words; needs ``cell_weights`` (0: plain mean).
     shape_weight: float = 0.0
+    # Train the text encoder's transformer layers with the UNet (its word embeddings stay frozen).
+    # A random causal layer leaves the token "圆形" knowing little of the colour word before it,
+    # so the UNet cannot tell the shape's colour from the background's (it learns backgrounds,
+    # which have their own word "背景", and smears the shape colour); a trained layer can carry
+    # each colour to its noun.  Needs a ``CaptionEncoder``; the learning rate of these layers is
+    # ``text_encoder_lr`` (None: the UNet's).
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None
     ema_decay: float = 0.999
     ema_start: int = 0                # step from which the EMA follows the weights
     seed: int = 0
@@ -90,6 +100,41 @@ def encode_captions(prompter, captions, log=print) -> tuple[dict, torch.Tensor, 
     return {t: i for i, t in enumerate(distinct)}, torch.stack(hidden), torch.stack(pooled)
 
 
+class CaptionEncoder:
+    """Captions tokenised once, encoded at each step by ``prompter.text_encoder`` with gradients:
+    what ``encode_captions`` returns, but for a text encoder that is training.
+
+    Exactly the prompter's own call (``KolorsPrompter.encode_prompt``: its prompt processing,
+    256 tokens padded on the left, the penultimate hidden state and the last token of the last),
+    batched; ``index[text]`` is a caption's row.  ``trainable`` are the parameters that train:
+    every one but the two 65,024-row tables (input embeddings, unused output layer).
+    """
+
+    MAX_LENGTH = 256      # as KolorsPrompter.encode_prompt
+
+    def __init__(self, prompter, captions):
+        distinct = sorted(set(captions))
+        self.index = {t: i for i, t in enumerate(distinct)}
+        self.text_encoder = prompter.text_encoder
+        tok = prompter.tokenizer([prompter.process_prompt(t, positive=True) for t in distinct], padding="max_length",
+                                 max_length=self.MAX_LENGTH, truncation=True, return_tensors="pt")
+        self.tokens = {k: tok[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        self.trainable = {n: p for n, p in self.text_encoder.named_parameters()
+                          if not n.startswith(("embedding.", "output_layer."))}
+        for n, p in self.text_encoder.named_parameters():
+            p.requires_grad_(n in self.trainable)
+
+    def __call__(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden, pooled)`` of caption rows ``rows``: B x 256 x dim and B x dim, float32."""
+        rows = torch.as_tensor(rows)
+        out = self.text_encoder(**{k: v[rows] for k, v in self.tokens.items()}, output_hidden_states=True)
+        return out.hidden_states[-2].permute(1, 0, 2), out.hidden_states[-1][-1]
+
+    def state(self) -> dict:
+        """The trainable tensors (what a build writes with ``write_text_encoder_layers``)."""
+        return {n: p.detach().clone() for n, p in self.trainable.items()}
+
+
 def _lr(step: int, cfg) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / max(cfg.warmup_steps, 1)
@@ -111,7 +156,8 @@ class EMA:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.mul_(d).add_(p.detach(), alpha=1 - d)
+            if p.requires_grad:               # a frozen one equals its average
+                e.mul_(d).add_(p.detach(), alpha=1 - d)
 
 
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float | None, x0_cap: float | None = None) -> torch.Tensor:
@@ -157,7 +203,7 @@ def noisy_batch(x0: torch.Tensor, cfg, scheduler, gen: torch.Generator):
 
 def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidden: torch.Tensor,
                pooled: torch.Tensor, cfg: UNetConfig, scheduler=None, log=print, callback=None,
-               cell_weights: torch.Tensor | None = None) -> dict:
+               cell_weights: torch.Tensor | None = None, text: CaptionEncoder | None = None) -> dict:
     """Train ``unet`` in place; returns the EMA model and the loss history.
 
     ``callback(steps_done, unet)``, if given, runs after every step (notebook 06 samples from it);
@@ -166,15 +212,27 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
     ``latents``: N x 4 x h x w (standardised); ``caption_rows[i]``: the rows of ``hidden`` /
     ``pooled`` holding the captions of picture ``i`` (one is drawn per step); ``cell_weights``:
     N x 1 x h x w, the share of each latent cell the picture's shape covers (``cfg.shape_weight``).
+    With ``cfg.train_text_encoder``, ``text`` (a ``CaptionEncoder``) encodes the rows at every step and
+    its layers train too (``hidden`` and ``pooled`` are then unused, and may be None); the result
+    then also holds ``"text_encoder"``, the EMA of its trained tensors.
     """
     if cfg.shape_weight and cell_weights is None:
         raise ValueError("UNetConfig.shape_weight needs cell_weights: the shape's share of each latent cell")
+    if cfg.train_text_encoder and text is None:
+        raise ValueError("UNetConfig.train_text_encoder needs text=CaptionEncoder(prompter, captions)")
+    if text is not None and not cfg.train_text_encoder:
+        raise ValueError("a CaptionEncoder was given but UNetConfig.train_text_encoder is off: pass the cached "
+                         "hidden and pooled embeddings instead (encode_captions)")
     scheduler = scheduler or kolors_scheduler()
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
-                            weight_decay=cfg.weight_decay)
+    groups = [{"params": list(unet.parameters())}]
+    if text is not None:
+        groups.append({"params": list(text.trainable.values()), "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, cfg))
+    trained = [p for g in groups for p in g["params"]]
     ema = EMA(unet, cfg.ema_decay)
+    ema_text = EMA(text.text_encoder, cfg.ema_decay) if text is not None else None
     alphas = torch.tensor(scheduler.alphas_cumprod)
     n, _, h, w = latents.shape
     side = h * 8
@@ -186,19 +244,26 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
         rows = [caption_rows[i][int(torch.randint(0, len(caption_rows[i]), (1,), generator=gen))] for i in idx.tolist()]
         x0 = latents[idx]
         noisy, target, t = noisy_batch(x0, cfg, scheduler, gen)
-        pred = unet(noisy, timestep=t, encoder_hidden_states=hidden[rows].float(),
-                    add_text_embeds=pooled[rows], add_time_id=add_time_id)
+        if text is not None:
+            text.text_encoder.train()
+            batch_hidden, batch_pooled = text(rows)
+        else:
+            batch_hidden, batch_pooled = hidden[rows].float(), pooled[rows]
+        pred = unet(noisy, timestep=t, encoder_hidden_states=batch_hidden,
+                    add_text_embeds=batch_pooled, add_time_id=add_time_id)
         per_sample = cell_weighted_mse(pred.float(), target, None if not cfg.shape_weight else
                                        1.0 + cfg.shape_weight * cell_weights[idx])
         weight = min_snr_weight(alphas[t.long()], cfg.snr_gamma, cfg.x0_weight_cap)
         loss = (per_sample * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
         opt.step()
         sched.step()
         if step >= cfg.ema_start:
             ema.update(unet)
+            if ema_text is not None:
+                ema_text.update(text.text_encoder)
         losses.append(per_sample.mean().item())
         if callback is not None:
             callback(step + 1, unet)
@@ -208,4 +273,8 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
             log(f"unet step {step:5d}/{cfg.steps}  loss {recent:.4f} (mean of last {min(len(losses), cfg.log_every)})  "
                 f"lr {sched.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.0f} s")
     unet.eval()
-    return {"ema": ema.model, "losses": losses, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
+    out = {"ema": ema.model, "losses": losses, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
+    if text is not None:
+        text.text_encoder.eval()
+        out["text_encoder"] = {n: p.detach().clone() for n, p in ema_text.model.named_parameters() if n in text.trainable}
+    return out
