@@ -346,12 +346,17 @@ def trained_text_encoder_layers(weights=None) -> dict:
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-def _text_encoder_state(weights=None) -> dict:
+def _new_text_encoder():
+    """A tiny ChatGLM of ``text_encoder_config`` with the library's own initial weights."""
     from diffsynth.models.kolors_text_encoder import ChatGLMConfig, ChatGLMModel
 
     cfg = text_encoder_config()
-    te_cfg = ChatGLMConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
-    state = _seeded_state(ChatGLMModel(te_cfg), SEED + 2)
+    return ChatGLMModel(ChatGLMConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}))
+
+
+def _text_encoder_state(weights=None, model=None) -> dict:
+    """The seeded state (of ``model``, or a new tiny ChatGLM) with the trained layers of ``weights``."""
+    state = _seeded_state(model if model is not None else _new_text_encoder(), SEED + 2)
     trained = trained_text_encoder_layers(weights)
     unknown = sorted(set(trained) - set(state))
     if unknown:
@@ -368,12 +373,8 @@ def _text_encoder_state(weights=None) -> dict:
 def text_encoder_module(weights=None):
     """The tiny ChatGLM text encoder: its weights drawn from its seed, with the trained layers of
     build folder ``weights`` laid over them where it has them (``trained_text_encoder_layers``)."""
-    from diffsynth.models.kolors_text_encoder import ChatGLMConfig, ChatGLMModel
-
-    cfg = text_encoder_config()
-    te_cfg = ChatGLMConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
-    model = ChatGLMModel(te_cfg)
-    model.load_state_dict(_text_encoder_state(weights))
+    model = _new_text_encoder()
+    model.load_state_dict(_text_encoder_state(weights, model))
     return model.eval()
 
 

@@ -196,11 +196,7 @@ def _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, 
     text = None
     if cfg.train_text_encoder:
         # the captions are encoded at every step by a text encoder whose layers train with the UNet
-        from diffsynth.prompters import KolorsPrompter
-
-        prompter = KolorsPrompter()
-        prompter.fetch_models(T.text_encoder_module())
-        text = CaptionEncoder(prompter, [c for cs in captions for c in cs])
+        text = CaptionEncoder(_prompter(), [c for cs in captions for c in cs])
         rows, hidden, pooled, n_captions = [[text.index[c] for c in cs] for cs in captions], None, None, len(text.index)
     else:
         rows, hidden, pooled, n_captions, _ = _encoded_captions(captions, log)
@@ -225,17 +221,22 @@ def _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, 
         "losses": {"unet_first": _head(run["losses"], 20), "unet_final": _tail(run["losses"], 100)}})
 
 
-def _encoded_captions(captions, log, extra=(), weights=None):
-    """Every distinct caption (and ``extra`` texts) through the frozen tiny ChatGLM (with the trained
-    layers of build folder ``weights``, where it has them), as the pipeline's prompter encodes it.
-    Returns the rows of each picture's captions, the embeddings, the number of distinct captions and
-    ``{text: row}`` for ``extra``."""
+def _prompter(weights=None):
+    """The pipeline's prompter over the tiny text encoder (with the trained layers of ``weights``)."""
     import kolors_course.models.tiny as T
     from diffsynth.prompters import KolorsPrompter
 
     prompter = KolorsPrompter()
     prompter.fetch_models(T.text_encoder_module(weights))
-    index, hidden, pooled = encode_captions(prompter, [c for cs in captions for c in cs] + list(extra), log=log)
+    return prompter
+
+
+def _encoded_captions(captions, log, extra=(), weights=None):
+    """Every distinct caption (and ``extra`` texts) through the frozen tiny ChatGLM (with the trained
+    layers of build folder ``weights``, where it has them), as the pipeline's prompter encodes it.
+    Returns the rows of each picture's captions, the embeddings, the number of distinct captions and
+    ``{text: row}`` for ``extra``."""
+    index, hidden, pooled = encode_captions(_prompter(weights), [c for cs in captions for c in cs] + list(extra), log=log)
     return [[index[c] for c in cs] for cs in captions], hidden, pooled, len(index), {t: index[t] for t in extra}
 
 

@@ -238,6 +238,8 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
     side = h * 8
     add_time_id = torch.tensor([side, w * 8, 0, 0, side, w * 8]).repeat(cfg.batch_size)
     unet.train()
+    if text is not None:
+        text.text_encoder.train()
     losses, t0 = [], time.perf_counter()
     for step in range(cfg.steps):
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
@@ -245,7 +247,6 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
         x0 = latents[idx]
         noisy, target, t = noisy_batch(x0, cfg, scheduler, gen)
         if text is not None:
-            text.text_encoder.train()
             batch_hidden, batch_pooled = text(rows)
         else:
             batch_hidden, batch_pooled = hidden[rows].float(), pooled[rows]
