@@ -230,7 +230,10 @@ def test_a_build_with_a_trained_text_encoder_ships_its_layers_and_the_pipeline_u
     from kolors_course.models.loading import text_encoder_file_keys
 
     out = tmp_path / "te"
-    m = build_tiny(out, quick=True, seed=0, unet_recipe={"train_text_encoder": True}, evaluate_result=False)
+    m = build_tiny(out, quick=True, seed=0, unet_recipe={"train_text_encoder": True, "shape_weight": 12.0},
+                   evaluate_result=False)
+    # the ControlNet trains with the loss of the UNet beside it: the same shape weight
+    assert m["controlnet"]["config"]["shape_weight"] == m["settings"]["unet"]["shape_weight"] == 12.0
     layers = T.trained_text_encoder_layers(out)
     assert str(T.TEXT_ENCODER_TRAINED_REL) in m["files"] and "trained with the UNet" in m["what"]
     assert layers and not any(k.startswith(("embedding.", "output_layer.")) for k in layers)
@@ -260,3 +263,34 @@ def test_a_build_with_a_trained_text_encoder_ships_its_layers_and_the_pipeline_u
     T.write_text_encoder_layers({"encoder.layers.9.mlp.dense_4h_to_h.weight": torch.zeros(64, 128)}, bad)
     with pytest.raises(T.ShippedWeightsError, match="another build"):
         T.text_encoder_module(bad)
+
+
+def test_the_controlnet_loss_weights_the_shape_cells_only_when_told_where_they_are():
+    """A shape weight without the shape's coverage is refused before any step; with it, the
+    ControlNet's first step moves its weights differently from the plain loss's first step."""
+    from kolors_course.world.train_controlnet import ControlNetConfig, controlnet_from_unet, train_controlnet
+
+    classes = T.diffsynth_classes()
+    torch.manual_seed(0)
+    unet = classes["sdxl_unet"]().eval()
+    n, hw = 4, T.IMAGE_SIZE // 8
+    latents = torch.randn(n, 4, hw, hw, generator=torch.Generator().manual_seed(1))
+    conds = {"canny": torch.zeros(n, 1, T.IMAGE_SIZE, T.IMAGE_SIZE, dtype=torch.uint8),
+             "colour": torch.full((n, 3, 16, 16), 128, dtype=torch.uint8)}
+    conds["canny"][:, :, 40:60, 40:60] = 255
+    hidden = torch.randn(2, 256, T.TEXT_DIM, generator=torch.Generator().manual_seed(2)).half()
+    pooled = torch.randn(2, T.TEXT_DIM, generator=torch.Generator().manual_seed(3))
+    rows = [[0]] * n
+    coverage = torch.zeros(n, 1, hw, hw)
+    coverage[:, :, 5:8, 5:8] = 1.0
+
+    def first_step(weight, cells):
+        cn, _ = controlnet_from_unet(unet, classes["sdxl_controlnet"], seed=0)
+        cfg = ControlNetConfig(steps=1, batch_size=2, warmup_steps=1, caption_dropout=0.0, ema_decay=0.0,
+                               shape_weight=weight)
+        train_controlnet(cn, unet, latents, conds, rows, hidden, pooled, cfg, log=None, cell_weights=cells)
+        return torch.cat([p.detach().flatten() for p in cn.controlnet_blocks.parameters()])
+
+    with pytest.raises(ValueError, match="cell_weights"):
+        first_step(12.0, None)
+    assert not torch.allclose(first_step(12.0, coverage), first_step(0.0, None))

@@ -37,7 +37,9 @@ from kolors_course.world.train_vae import CellStats, VAEConfig, encoder_error, f
 #: 128-pixel pictures (its GroupNorms see other statistics); the UNet learns fast, the VAE slowly.
 DEFAULTS = dict(n_scenes=2500, captions_per_scene=3, vae_images=2500, vae_steps=800, vae_crop=128,
                 unet_steps=5000, unet_batch=32, vae_batch=8, controlnet_steps=2000, controlnet_batch=16)
-#: the UNet's training recipe beyond the loop's defaults (see UNetConfig for why each is there)
+#: the UNet's training recipe beyond the loop's defaults (see UNetConfig for why each is there).
+#: README "The tiny world" has the measured alternatives: `shape_weight=12` with
+#: `train_text_encoder=true` follows the prompts far better but weakens the LoRA and colour lessons.
 UNET_RECIPE = dict(offset_noise=0.3, high_t_fraction=0.3, high_t_start=0.6, x0_weight_cap=100.0)
 QUICK = dict(n_scenes=48, captions_per_scene=2, vae_images=48, vae_steps=30, vae_crop=32, unet_steps=20,
              unet_batch=8, vae_batch=4, controlnet_steps=6, controlnet_batch=4)
@@ -273,11 +275,14 @@ def _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, q
     log(f"controlnet: {len(pixels)} pictures with their canny and colour conditions, {n_captions} captions "
         f"({time.perf_counter() - t0:.0f} s)")
     cn, shared = controlnet_from_unet(unet, classes["sdxl_controlnet"], seed=seed + 2)
+    # the UNet's own loss: its shape weight, from the record of the UNet this ControlNet trains beside
+    shape_weight = json.loads((out_dir / "parts" / "unet.json").read_text())["config"].get("shape_weight") or 0.0
     cfg = ControlNetConfig(steps=knobs["controlnet_steps"], batch_size=knobs["controlnet_batch"], seed=seed,
                            log_every=50 if not quick else 2, warmup_steps=50 if not quick else 1,
-                           ema_decay=0.995 if not quick else 0.5)
+                           ema_decay=0.995 if not quick else 0.5, shape_weight=shape_weight)
+    coverage = _shape_coverage(knobs, seed, T.IMAGE_SIZE) if cfg.shape_weight else None
     run = train_controlnet(cn, unet, latents, conds, rows, hidden, pooled, cfg, empty_row=extra[""],
-                           scheduler=kolors_scheduler(), log=log)
+                           scheduler=kolors_scheduler(), log=log, cell_weights=coverage)
     if (out_dir / T.CONTROLNET_REL).parent.exists():
         shutil.rmtree((out_dir / T.CONTROLNET_REL).parent)
     T.write_controlnet(run["ema"].state_dict(), out_dir, dtype=getattr(torch, dtype))

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from kolors_course.world.train_unet import EMA, _lr, kolors_scheduler, min_snr_weight, noisy_batch
+from kolors_course.world.train_unet import EMA, _lr, cell_weighted_mse, kolors_scheduler, min_snr_weight, \
+    noisy_batch
 
 #: the union's processor id for each condition the tiny ControlNet learns
 TRAINED_CONDITIONS = {"canny": "canny", "colour": "tile"}
@@ -49,6 +50,11 @@ class ControlNetConfig:
     high_t_fraction: float = 0.3
     high_t_start: float = 0.6
     offset_noise: float = 0.3
+    # the shape's latent cells weighted as in the UNet's loss (UNetConfig.shape_weight): the build
+    # takes the value the UNet beside it was trained with, so the two losses agree; the canny edges
+    # sit on the shape's outline, and with a plain mean they are a few per cent of the loss (beside
+    # a shape-weighted UNet, such a ControlNet barely followed them: README "The tiny world")
+    shape_weight: float = 0.0
     ema_decay: float = 0.995
     seed: int = 0
     log_every: int = 50
@@ -120,13 +126,16 @@ class PerSample:
 
 def train_controlnet(controlnet, unet, latents: torch.Tensor, conds: dict, caption_rows, hidden: torch.Tensor,
                      pooled: torch.Tensor, cfg: ControlNetConfig, empty_row: int | None = None, scheduler=None,
-                     log=print) -> dict:
+                     log=print, cell_weights: torch.Tensor | None = None) -> dict:
     """Train ``controlnet`` in place beside the frozen ``unet``; returns the EMA model and the losses.
 
     ``empty_row``: the row of ``hidden`` / ``pooled`` holding the empty caption (for the caption
-    dropout; required when ``cfg.caption_dropout`` > 0)."""
+    dropout; required when ``cfg.caption_dropout`` > 0); ``cell_weights``: N x 1 x h x w, the share
+    of each latent cell the picture's shape covers (required when ``cfg.shape_weight`` > 0)."""
     if cfg.caption_dropout and empty_row is None:
         raise ValueError("caption_dropout needs the empty caption's row (empty_row)")
+    if cfg.shape_weight and cell_weights is None:
+        raise ValueError("ControlNetConfig.shape_weight needs cell_weights: the shape's share of each latent cell")
     from diffsynth.controlnets import Annotator, ControlNetUnit, MultiControlNetManager
     from diffsynth.pipelines.dancer import lets_dance_xl
 
@@ -161,7 +170,8 @@ def train_controlnet(controlnet, unet, latents: torch.Tensor, conds: dict, capti
                              add_text_embeds=pooled[rows], timestep=t, encoder_hidden_states=hidden[rows].float(),
                              controlnet_frames=cond.unsqueeze(0), device="cpu",
                              unet_batch_size=cfg.batch_size, controlnet_batch_size=cfg.batch_size)
-        per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
+        per_sample = cell_weighted_mse(pred.float(), target, None if not cfg.shape_weight else
+                                       1.0 + cfg.shape_weight * cell_weights[idx])
         loss = (per_sample * min_snr_weight(alphas[t.long()], cfg.snr_gamma, cfg.x0_weight_cap)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
