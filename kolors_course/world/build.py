@@ -242,19 +242,21 @@ def _encoded_captions(captions, log, extra=(), weights=None):
     return [[index[c] for c in cs] for cs in captions], hidden, pooled, len(index), {t: index[t] for t in extra}
 
 
-def _check_unet_for_controlnet(out_dir: Path, settings: dict) -> None:
-    """The controlnet stage trains beside the UNet in ``out_dir``: it must be there, of this world."""
+def _check_unet_for_controlnet(out_dir: Path, settings: dict) -> dict:
+    """The controlnet stage trains beside the UNet in ``out_dir``: it must be there, of this world.
+    Returns that UNet's record (``parts/unet.json``)."""
     import kolors_course.models.tiny as T
 
     record = out_dir / "parts" / "unet.json"
     if not record.is_file() or not (out_dir / T.UNET_REL).is_file():
         raise FileNotFoundError(f"the controlnet stage trains beside a finished UNet: run the 'unet' stage into "
                                 f"{out_dir} first")
-    theirs = json.loads(record.read_text())["settings"]
-    differ = sorted(k for k in WORLD_SETTINGS if theirs.get(k) != settings.get(k))
+    unet_record = json.loads(record.read_text())
+    differ = sorted(k for k in WORLD_SETTINGS if unet_record["settings"].get(k) != settings.get(k))
     if differ:
         raise ValueError(f"the UNet in {out_dir} was built with other settings ({differ}); run the controlnet "
                          "stage with the UNet's")
+    return unet_record
 
 
 def _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, dtype, command, log):
@@ -264,7 +266,7 @@ def _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, q
         train_controlnet, world_conditions
 
     unet_path = out_dir / T.UNET_REL
-    _check_unet_for_controlnet(out_dir, settings)
+    unet_record = _check_unet_for_controlnet(out_dir, settings)
     t0 = time.perf_counter()
     classes = T.diffsynth_classes()
     unet = classes["sdxl_unet"]()
@@ -276,7 +278,7 @@ def _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, q
         f"({time.perf_counter() - t0:.0f} s)")
     cn, shared = controlnet_from_unet(unet, classes["sdxl_controlnet"], seed=seed + 2)
     # the UNet's own loss: its shape weight, from the record of the UNet this ControlNet trains beside
-    shape_weight = json.loads((out_dir / "parts" / "unet.json").read_text())["config"].get("shape_weight") or 0.0
+    shape_weight = unet_record["config"].get("shape_weight") or 0.0
     cfg = ControlNetConfig(steps=knobs["controlnet_steps"], batch_size=knobs["controlnet_batch"], seed=seed,
                            log_every=50 if not quick else 2, warmup_steps=50 if not quick else 1,
                            ema_decay=0.995 if not quick else 0.5, shape_weight=shape_weight)
