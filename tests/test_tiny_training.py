@@ -284,13 +284,46 @@ def test_the_controlnet_loss_weights_the_shape_cells_only_when_told_where_they_a
     coverage = torch.zeros(n, 1, hw, hw)
     coverage[:, :, 5:8, 5:8] = 1.0
 
-    def first_step(weight, cells):
+    def first_step(weight, cells, on=("canny",)):       # the first step trains the canny condition
         cn, _ = controlnet_from_unet(unet, classes["sdxl_controlnet"], seed=0)
         cfg = ControlNetConfig(steps=1, batch_size=2, warmup_steps=1, caption_dropout=0.0, ema_decay=0.0,
-                               shape_weight=weight)
+                               shape_weight=weight, shape_weighted=on)
         train_controlnet(cn, unet, latents, conds, rows, hidden, pooled, cfg, log=None, cell_weights=cells)
         return torch.cat([p.detach().flatten() for p in cn.controlnet_blocks.parameters()])
 
     with pytest.raises(ValueError, match="cell_weights"):
         first_step(12.0, None)
-    assert not torch.allclose(first_step(12.0, coverage), first_step(0.0, None))
+    plain = first_step(0.0, None)
+    assert not torch.allclose(first_step(12.0, coverage), plain)
+    # weighted on the colour condition's steps only: the canny step keeps the plain loss
+    assert torch.equal(first_step(12.0, coverage, on=("colour",)), plain)
+    with pytest.raises(ValueError, match="shape_weighted"):
+        first_step(12.0, coverage, on=("depth",))
+
+
+def test_pooled_dropout_hides_the_captions_pooled_embedding_and_keeps_its_token_states():
+    """With ``pooled_dropout=1`` the UNet trains on the empty caption's pooled embedding for every
+    sample: changing the other captions' pooled vectors changes nothing, while changing their token
+    states does; without the dropout the pooled vectors count.  No empty caption's row is refused."""
+    from kolors_course.world.train_unet import UNetConfig, train_unet
+
+    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    hidden = torch.randn(3, 8, T.TEXT_DIM, generator=torch.Generator().manual_seed(2)).half()
+    pooled = torch.randn(3, T.TEXT_DIM, generator=torch.Generator().manual_seed(3))
+    other_pooled, other_hidden = pooled.clone(), hidden.clone()
+    other_pooled[:2] += 5.0                  # rows 0 and 1 are captions; row 2 is the empty one
+    other_hidden[:2] += 1.0
+
+    def trained(h, p, dropout):
+        torch.manual_seed(0)
+        unet = T.diffsynth_classes()["sdxl_unet"]()
+        cfg = UNetConfig(steps=2, batch_size=2, warmup_steps=1, ema_decay=0.0, pooled_dropout=dropout)
+        run = train_unet(unet, latents, [[0], [1], [0]], h, p, cfg, log=None, empty_row=2)
+        return torch.cat([t.flatten() for t in run["ema"].state_dict().values()])
+
+    dropped = trained(hidden, pooled, 1.0)
+    assert torch.equal(dropped, trained(hidden, other_pooled, 1.0))
+    assert not torch.equal(dropped, trained(other_hidden, pooled, 1.0))
+    assert not torch.equal(trained(hidden, pooled, 0.0), trained(hidden, other_pooled, 0.0))
+    with pytest.raises(ValueError, match="empty_row"):
+        train_unet(None, latents, [[0]], hidden, pooled, UNetConfig(steps=1, pooled_dropout=0.5))

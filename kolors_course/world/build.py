@@ -198,15 +198,17 @@ def _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, 
     text = None
     if cfg.train_text_encoder:
         # the captions are encoded at every step by a text encoder whose layers train with the UNet
-        text = CaptionEncoder(_prompter(), [c for cs in captions for c in cs])
+        text = CaptionEncoder(_prompter(), [c for cs in captions for c in cs] + [""])
         rows, hidden, pooled, n_captions = [[text.index[c] for c in cs] for cs in captions], None, None, len(text.index)
+        empty_row = text.index[""]
     else:
-        rows, hidden, pooled, n_captions, _ = _encoded_captions(captions, log)
+        rows, hidden, pooled, n_captions, extra = _encoded_captions(captions, log, extra=("",))
+        empty_row = extra[""]
     log(f"latents {tuple(latents.shape)}; {n_captions} distinct captions "
         f"{'tokenised' if text else 'encoded'} in {time.perf_counter() - t0:.0f} s")
     coverage = _shape_coverage(knobs, seed, T.IMAGE_SIZE) if cfg.shape_weight else None
     run = train_unet(unet, latents, rows, hidden, pooled, cfg, scheduler=kolors_scheduler(), log=log,
-                     cell_weights=coverage, text=text)
+                     cell_weights=coverage, text=text, empty_row=empty_row)
     if (out_dir / T.UNET_REL).parent.exists():
         shutil.rmtree((out_dir / T.UNET_REL).parent)
     T.write_unet(run["ema"].state_dict(), out_dir, dtype=getattr(torch, dtype))

@@ -55,6 +55,10 @@ class ControlNetConfig:
     # sit on the shape's outline, and with a plain mean they are a few per cent of the loss (beside
     # a shape-weighted UNet, such a ControlNet barely followed them: README "The tiny world")
     shape_weight: float = 0.0
+    # the conditions whose steps use that weight: the canny edges sit on the shape; the colour grid
+    # is mostly background, and with its loss shape-weighted too the ControlNet beside a
+    # shape-weighted UNet followed the grid's layout less well than a plain loss (README)
+    shape_weighted: tuple = ("canny",)
     ema_decay: float = 0.995
     seed: int = 0
     log_every: int = 50
@@ -136,6 +140,10 @@ def train_controlnet(controlnet, unet, latents: torch.Tensor, conds: dict, capti
         raise ValueError("caption_dropout needs the empty caption's row (empty_row)")
     if cfg.shape_weight and cell_weights is None:
         raise ValueError("ControlNetConfig.shape_weight needs cell_weights: the shape's share of each latent cell")
+    unknown = sorted(set(cfg.shape_weighted) - set(TRAINED_CONDITIONS))
+    if unknown:
+        raise ValueError(f"ControlNetConfig.shape_weighted: {unknown} are not conditions it trains "
+                         f"({sorted(TRAINED_CONDITIONS)})")
     from diffsynth.controlnets import Annotator, ControlNetUnit, MultiControlNetManager
     from diffsynth.pipelines.dancer import lets_dance_xl
 
@@ -170,8 +178,9 @@ def train_controlnet(controlnet, unet, latents: torch.Tensor, conds: dict, capti
                              add_text_embeds=pooled[rows], timestep=t, encoder_hidden_states=hidden[rows].float(),
                              controlnet_frames=cond.unsqueeze(0), device="cpu",
                              unet_batch_size=cfg.batch_size, controlnet_batch_size=cfg.batch_size)
-        per_sample = cell_weighted_mse(pred.float(), target, None if not cfg.shape_weight else
-                                       1.0 + cfg.shape_weight * cell_weights[idx])
+        weighted = cfg.shape_weight and kind in cfg.shape_weighted
+        per_sample = cell_weighted_mse(pred.float(), target, 1.0 + cfg.shape_weight * cell_weights[idx]
+                                       if weighted else None)
         loss = (per_sample * min_snr_weight(alphas[t.long()], cfg.snr_gamma, cfg.x0_weight_cap)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -186,4 +195,4 @@ def train_controlnet(controlnet, unet, latents: torch.Tensor, conds: dict, capti
                 + f"  lr {sched.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.0f} s")
     controlnet.eval()
     return {"ema": ema.model, "losses": losses, "seconds": time.perf_counter() - t0,
-            "config": {**asdict(cfg), "adam_betas": list(cfg.adam_betas)}}
+            "config": {**asdict(cfg), "adam_betas": list(cfg.adam_betas), "shape_weighted": list(cfg.shape_weighted)}}

@@ -65,6 +65,14 @@ class UNetConfig:
     # ``text_encoder_lr`` (None: the UNet's).
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
+    # Share of samples whose pooled embedding (the last token's state, which the UNet adds to its
+    # time embedding) is the empty caption's, their token states kept.  A text encoder that trains
+    # with the UNet learns to sum the whole caption up in that one vector, and the UNet then reads
+    # colours and backgrounds from it and not through cross-attention: a LoRA on the attention
+    # layers (the course's) can then hardly change the picture, and a word's place in the prompt
+    # cannot steer where things go.  Dropping it makes the token states carry the caption too.
+    # Needs ``empty_row``; 0: off.
+    pooled_dropout: float = 0.0
     ema_decay: float = 0.999
     ema_start: int = 0                # step from which the EMA follows the weights
     seed: int = 0
@@ -203,7 +211,8 @@ def noisy_batch(x0: torch.Tensor, cfg, scheduler, gen: torch.Generator):
 
 def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidden: torch.Tensor,
                pooled: torch.Tensor, cfg: UNetConfig, scheduler=None, log=print, callback=None,
-               cell_weights: torch.Tensor | None = None, text: CaptionEncoder | None = None) -> dict:
+               cell_weights: torch.Tensor | None = None, text: CaptionEncoder | None = None,
+               empty_row: int | None = None) -> dict:
     """Train ``unet`` in place; returns the EMA model and the loss history.
 
     ``callback(steps_done, unet)``, if given, runs after every step (notebook 06 samples from it);
@@ -214,8 +223,11 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
     N x 1 x h x w, the share of each latent cell the picture's shape covers (``cfg.shape_weight``).
     With ``cfg.train_text_encoder``, ``text`` (a ``CaptionEncoder``) encodes the rows at every step and
     its layers train too (``hidden`` and ``pooled`` are then unused, and may be None); the result
-    then also holds ``"text_encoder"``, the EMA of its trained tensors.
+    then also holds ``"text_encoder"``, the EMA of its trained tensors.  ``empty_row``: the row of the
+    empty caption (for ``cfg.pooled_dropout``).
     """
+    if cfg.pooled_dropout and empty_row is None:
+        raise ValueError("UNetConfig.pooled_dropout needs empty_row: the row of the empty caption")
     if cfg.shape_weight and cell_weights is None:
         raise ValueError("UNetConfig.shape_weight needs cell_weights: the shape's share of each latent cell")
     if cfg.train_text_encoder and text is None:
@@ -247,9 +259,15 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
         x0 = latents[idx]
         noisy, target, t = noisy_batch(x0, cfg, scheduler, gen)
         if text is not None:
-            batch_hidden, batch_pooled = text(rows)
+            batch_hidden, batch_pooled = text(rows + [empty_row] if cfg.pooled_dropout else rows)
+            batch_hidden, empty_pooled, batch_pooled = batch_hidden[:len(rows)], batch_pooled[len(rows):], \
+                batch_pooled[:len(rows)]
         else:
             batch_hidden, batch_pooled = hidden[rows].float(), pooled[rows]
+            empty_pooled = pooled[empty_row:empty_row + 1] if cfg.pooled_dropout else None
+        if cfg.pooled_dropout:
+            drop = torch.rand(len(rows), 1, generator=gen) < cfg.pooled_dropout
+            batch_pooled = torch.where(drop, empty_pooled.expand_as(batch_pooled), batch_pooled)
         pred = unet(noisy, timestep=t, encoder_hidden_states=batch_hidden,
                     add_text_embeds=batch_pooled, add_time_id=add_time_id)
         per_sample = cell_weighted_mse(pred.float(), target, None if not cfg.shape_weight else
