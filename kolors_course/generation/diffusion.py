@@ -201,7 +201,7 @@ def train_from_scratch(profile, prompt: str = "一个红色的圆形，蓝色背
                              stats)
     rng = random.Random(f"scratch:{seed}")
     captions = [W.caption(s, rng) for s in scene_list]
-    index, hidden, pooled = encode_captions(pipe.prompter, captions, log=None)
+    index, hidden, pooled = encode_captions(pipe.prompter, captions + [""], log=None)   # "": the recipe's dropouts
     rows = [[index[c]] for c in captions]
     run = ScratchRun(prompt)
     n_steps = sample_steps or profile.steps
@@ -216,14 +216,9 @@ def train_from_scratch(profile, prompt: str = "一个红色的圆形，蓝色背
     recipe = {**UNET_RECIPE, "train_text_encoder": False}
     cfg = UNetConfig(steps=steps, batch_size=batch_size, learning_rate=1e-3, warmup_steps=min(10, steps),
                      seed=seed, log_every=10 ** 9, ema_decay=0.0, **recipe)
-    coverage = None
-    if cfg.shape_weight:
-        import numpy as np
-
-        coverage = torch.from_numpy(np.stack([W.shape_coverage(s, size=size, seed=i)
-                                              for i, s in enumerate(scene_list)])).unsqueeze(1)
+    coverage = W.shape_coverage_batch(scene_list, size, range(len(scene_list))) if cfg.shape_weight else None
     out = train_unet(pipe.unet, latents, rows, hidden, pooled, cfg, log=None, cell_weights=coverage,
-                     callback=lambda done, _: sample(done) if done % sample_every == 0 or done == steps else None)
+                     empty_row=index[""], callback=lambda done, _: sample(done) if done % sample_every == 0 or done == steps else None)
     run.losses = out["losses"]
     run.seconds = time.perf_counter() - t0
     return run

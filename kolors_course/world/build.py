@@ -88,8 +88,7 @@ def _world(knobs: dict, seed: int, size: int, quick: bool):
 def _shape_coverage(knobs: dict, seed: int, size: int) -> torch.Tensor:
     """N x 1 x h x w: the share of each latent cell the shape of training picture i covers."""
     scene_list = W.sample_scenes(knobs["n_scenes"], seed=seed)
-    return torch.from_numpy(np.stack([W.shape_coverage(s, size=size, seed=_render_seed(seed, i))
-                                      for i, s in enumerate(scene_list)])).unsqueeze(1)
+    return W.shape_coverage_batch(scene_list, size, [_render_seed(seed, i) for i in range(len(scene_list))])
 
 
 def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps: int | None = None,

@@ -227,6 +227,15 @@ def shape_coverage(scene: Scene, size: int = 128, seed: int = 0, cell: int = 8) 
     return mask[: n * cell, : n * cell].reshape(n, cell, n, cell).mean(axis=(1, 3))
 
 
+def shape_coverage_batch(scene_list, size: int, seeds):
+    """N x 1 x h x w tensor: ``shape_coverage`` of each scene, rendered with its seed in ``seeds``
+    (the ``cell_weights`` of the UNet's and ControlNet's shape-weighted loss)."""
+    import torch
+
+    return torch.from_numpy(np.stack([shape_coverage(s, size=size, seed=seed)
+                                      for s, seed in zip(scene_list, seeds, strict=True)])).unsqueeze(1)
+
+
 # --- sampling scenes -----------------------------------------------------------------
 #: how often each style and painter appears (flat and "no painter" are the defaults)
 STYLE_WEIGHTS = {"扁平": 0.6, "渐变": 0.2, "条纹": 0.2}
