@@ -8,6 +8,12 @@ apart, the error under the wrong caption divided by the error under the right on
 the UNet ignores that word there; well above 1 means it reads it.  "Roles" above 1 on the shape's
 cells means the UNet knows *which* of the two colours is the shape's (binding), not only which
 colours the prompt names.
+
+The UNet hears a caption by two paths: cross-attention reads the text encoder's token states,
+and the pooled embedding (the last token's state) is added to its time embedding.  ``path``
+sends the wrong caption down one of them only (``"tokens"`` or ``"pooled"``, the other path
+keeping the right caption), to show which one the UNet reads a word from.  A LoRA on the
+attention layers (the course's) can only change what comes through cross-attention.
 """
 from __future__ import annotations
 
@@ -37,11 +43,16 @@ def _captions(scene_list, seed: int) -> list[dict]:
 
 
 @torch.no_grad()
-def word_reliance(unet, stats, n: int = 48, seed: int = 777, timesteps=TIMESTEPS, weights=None) -> dict:
+def word_reliance(unet, stats, n: int = 48, seed: int = 777, timesteps=TIMESTEPS, weights=None,
+                  path: str = "both") -> dict:
     """``{timestep: {"shape_cells": {wrong: ratio}, "background_cells": {wrong: ratio}}}`` for a
     DiffSynth tiny UNet (eval mode) and the build's latent ``CellStats``; the captions go through
     the text encoder of build folder ``weights`` (its trained layers, where it has them: the UNet
-    was trained beside that one), else the seeded one."""
+    was trained beside that one), else the seeded one.  ``path``: where the wrong caption goes,
+    ``"both"`` (as a prompt would), ``"tokens"`` (cross-attention only) or ``"pooled"`` (only the
+    pooled embedding)."""
+    if path not in ("both", "tokens", "pooled"):
+        raise ValueError(f"path={path!r}: expected 'both', 'tokens' or 'pooled'")
     import kolors_course.models.tiny as T
     from diffsynth.prompters import KolorsPrompter
 
@@ -68,8 +79,10 @@ def word_reliance(unet, stats, n: int = 48, seed: int = 777, timesteps=TIMESTEPS
         err = {}
         for kind in caps[0]:
             rows = [index[cs[kind]] for cs in caps]
-            eps = unet(noisy, timestep=torch.full((n,), t), encoder_hidden_states=hidden[rows].float(),
-                       add_text_embeds=pooled[rows], add_time_id=time_ids)
+            right = [index[cs["right"]] for cs in caps]
+            eps = unet(noisy, timestep=torch.full((n,), t),
+                       encoder_hidden_states=hidden[right if path == "pooled" else rows].float(),
+                       add_text_embeds=pooled[right if path == "tokens" else rows], add_time_id=time_ids)
             e = (((noisy - (1 - a).sqrt() * eps) / a.sqrt() - x0)[:, :3] ** 2).mean(dim=1, keepdim=True)
             err[kind] = (float((e * shape).sum() / shape.sum()), float((e * (1 - shape)).sum() / (1 - shape).sum()))
         out[t] = {cells: {k: round(err[k][j] / err["right"][j], 3) for k in err if k != "right"}
