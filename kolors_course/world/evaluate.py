@@ -9,7 +9,8 @@ build's manifest quote the same numbers:
   word 几何风) -> the share of that accuracy kept;
 - ``position``: "...，在左边" / "...，在右边" -> left/right right;
 - ``negative``: "一个{shape}" with a colour as negative prompt -> how much of that colour's share
-  (as shape or background) is left, against the kit's default negative prompt;
+  (as shape or background) is left, against the kit's default negative prompt (by default for
+  the two colours drawn most often without it);
 - ``cfg``: adherence at cfg 1 against the chosen cfg, and clipped (0 or 255) pixels rising
   from the chosen cfg to cfg 10;
 - ``parts``: each of the course's five prompt parts (subject, details, modifiers, style,
@@ -76,9 +77,14 @@ def _share(verdicts, colour) -> float:
 
 
 def evaluate(pipe, seeds=range(32), steps: int = EVAL_STEPS, cfg_scale: float = EVAL_CFG,
-             size: int = EVAL_SIZE, negative_colours=("红色", "蓝色", "黄色", "绿色"),
+             size: int = EVAL_SIZE, negative_colours=2,
              unknown_word: str = UNKNOWN_WORD, parts: bool = True, log=None) -> dict:
-    """The target metrics for ``pipe`` (a ``kc.load_pipeline`` pipeline), on ``seeds``."""
+    """The target metrics for ``pipe`` (a ``kc.load_pipeline`` pipeline), on ``seeds``.
+
+    ``negative_colours``: the colours the negative-prompt check names, or a number k: the k colours
+    the pipeline draws most often (as shape or background) when the prompt names none.  A negative
+    prompt can only remove a colour that would otherwise be there: a colour drawn once in 16
+    pictures says nothing about an 80% cut."""
     seeds = list(seeds)
     say = log or (lambda *_: None)
     out = {"settings": {"seeds": [seeds[0], seeds[-1]], "n": len(seeds), "steps": steps, "cfg_scale": cfg_scale,
@@ -114,6 +120,9 @@ def evaluate(pipe, seeds=range(32), steps: int = EVAL_STEPS, cfg_scale: float = 
 
     # negative prompt: the colour's share among pictures of "一个{shape}"
     plain = [judge(_gen(pipe, f"一个{W.SHAPES[s % 4]}", s, cfg_scale, steps, size), with_style=False) for s in seeds]
+    if isinstance(negative_colours, int):
+        drawn = {c: _share(plain, c) for c in W.COLOURS}
+        negative_colours = sorted(drawn, key=lambda c: (-drawn[c], list(W.COLOURS).index(c)))[:negative_colours]
     neg = {}
     for c in negative_colours:
         vs = [judge(_gen(pipe, f"一个{W.SHAPES[s % 4]}", s, cfg_scale, steps, size, negative_prompt=c),
@@ -176,7 +185,8 @@ def summary_lines(m: dict) -> list[str]:
              f"unknown word kept: colour {u['kept']['colour'] or 0:.0%}, background {u['kept']['background'] or 0:.0%}, "
              f"shape {u['kept']['shape'] or 0:.0%}",
              f"position left/right: {p['accuracy']:.0%}",
-             f"negative prompt cut: {n['cut'] if n['cut'] is not None else float('nan'):.0%}",
+             f"negative prompt cut ({', '.join(n['per_colour'])}): "
+             f"{n['cut'] if n['cut'] is not None else float('nan'):.0%}",
              "cfg adherence (all three) 1 / 4 / 10: " + " / ".join(f"{v:.0%}" for v in c["adherence_all"].values()),
              "cfg clipped pixels 1 / 4 / 10: " + " / ".join(f"{v:.2%}" for v in c["clipped"].values())]
     for part, r in m.get("parts", {}).items():
