@@ -230,10 +230,12 @@ def test_a_build_with_a_trained_text_encoder_ships_its_layers_and_the_pipeline_u
     from kolors_course.models.loading import text_encoder_file_keys
 
     out = tmp_path / "te"
-    m = build_tiny(out, quick=True, seed=0, unet_recipe={"train_text_encoder": True, "shape_weight": 12.0},
-                   evaluate_result=False)
+    m = build_tiny(out, quick=True, seed=0, evaluate_result=False)       # the shipped recipe trains them
     # the ControlNet trains with the loss of the UNet beside it: the same shape weight
-    assert m["controlnet"]["config"]["shape_weight"] == m["settings"]["unet"]["shape_weight"] == 12.0
+    assert m["controlnet"]["config"]["shape_weight"] == m["settings"]["unet"]["shape_weight"] > 0
+    from kolors_course.world.build import UNET_RECIPE
+
+    assert m["settings"]["unet"]["pooled_dropout"] == UNET_RECIPE["pooled_dropout"] > 0     # the recipe reached it
     layers = T.trained_text_encoder_layers(out)
     assert str(T.TEXT_ENCODER_TRAINED_REL) in m["files"] and "trained with the UNet" in m["what"]
     assert layers and not any(k.startswith(("embedding.", "output_layer.")) for k in layers)
@@ -252,7 +254,7 @@ def test_a_build_with_a_trained_text_encoder_ships_its_layers_and_the_pipeline_u
         b = pipe.encode_prompt("一个红色的圆形，蓝色背景", positive=True)["encoder_hidden_states"].cpu()
         assert torch.allclose(a, b, atol=1e-6) is same
     # a UNet retrained beside the frozen text encoder takes the layers away ...
-    build_tiny(out, quick=True, seed=0, stages=("unet",))
+    build_tiny(out, quick=True, seed=0, stages=("unet",), unet_recipe={"train_text_encoder": False})
     assert not (out / T.TEXT_ENCODER_TRAINED_REL).exists()
     # ... and layers that no UNet record claims are refused at finish
     (out / "parts" / "controlnet.json").unlink()          # (the old ControlNet is refused too, first)

@@ -168,7 +168,7 @@ def train_from_scratch(profile, prompt: str = "一个红色的圆形，蓝色背
     VAE and text encoder stay as shipped (training a UNet is what this shows) and the learner's
     own pipeline is untouched.  The loop is the tiny build's own (``kolors_course.world``), on the
     build's latent space: ``steps`` of 60 take about half a minute on a CPU, the shipped UNet had
-    3,000.  Only profiles built from the tiny world can do this.
+    4,000.  Only profiles built from the tiny world can do this.
     """
     import json
     import random
