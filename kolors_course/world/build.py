@@ -44,8 +44,6 @@ DEFAULTS = dict(n_scenes=2500, captions_per_scene=3, vae_images=2500, vae_steps=
 #: course's LoRA) reads; without it the UNet read every word from the pooled embedding alone.
 UNET_RECIPE = dict(offset_noise=0.3, high_t_fraction=0.3, high_t_start=0.6, x0_weight_cap=100.0,
                    train_text_encoder=True, shape_weight=12.0, pooled_dropout=0.5)
-#: the ControlNet's recipe beyond ControlNetConfig's defaults (the shape weight comes from the UNet's record)
-CONTROLNET_RECIPE: dict = {}
 QUICK = dict(n_scenes=48, captions_per_scene=2, vae_images=48, vae_steps=30, vae_crop=32, unet_steps=20,
              unet_batch=8, vae_batch=4, controlnet_steps=6, controlnet_batch=4)
 
@@ -287,7 +285,7 @@ def _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, q
     shape_weight = unet_record["config"].get("shape_weight") or 0.0
     cfg = ControlNetConfig(steps=knobs["controlnet_steps"], batch_size=knobs["controlnet_batch"], seed=seed,
                            log_every=50 if not quick else 2, warmup_steps=50 if not quick else 1,
-                           ema_decay=0.995 if not quick else 0.5, shape_weight=shape_weight, **CONTROLNET_RECIPE)
+                           ema_decay=0.995 if not quick else 0.5, shape_weight=shape_weight)
     coverage = _shape_coverage(knobs, seed, T.IMAGE_SIZE) if cfg.shape_weight else None
     run = train_controlnet(cn, unet, latents, conds, rows, hidden, pooled, cfg, empty_row=extra[""],
                            scheduler=kolors_scheduler(), log=log, cell_weights=coverage)

@@ -41,12 +41,6 @@ class ControlNetConfig:
     batch_size: int = 16          # one ControlNet call per sample (PerSample): half the UNet's batch
     learning_rate: float = 1e-3
     caption_dropout: float = 0.5            # share of captions replaced by the empty caption
-    # on the colour condition's steps (None: caption_dropout); beside a UNet that already paints the
-    # prompt's colours, the grid adds only the layout while the caption is there
-    colour_caption_dropout: float | None = None
-    # the conditions in the order the steps train them, repeated (("canny", "colour", "colour"):
-    # two colour steps for each canny step)
-    schedule: tuple = ("canny", "colour")
     warmup_steps: int = 50
     weight_decay: float = 1e-2
     adam_betas: tuple = (0.9, 0.999)
@@ -142,13 +136,13 @@ def train_controlnet(controlnet, unet, latents: torch.Tensor, conds: dict, capti
     ``empty_row``: the row of ``hidden`` / ``pooled`` holding the empty caption (for the caption
     dropout; required when ``cfg.caption_dropout`` > 0); ``cell_weights``: N x 1 x h x w, the share
     of each latent cell the picture's shape covers (required when ``cfg.shape_weight`` > 0)."""
-    if (cfg.caption_dropout or cfg.colour_caption_dropout) and empty_row is None:
+    if cfg.caption_dropout and empty_row is None:
         raise ValueError("caption_dropout needs the empty caption's row (empty_row)")
     if cfg.shape_weight and cell_weights is None:
         raise ValueError("ControlNetConfig.shape_weight needs cell_weights: the shape's share of each latent cell")
-    unknown = sorted((set(cfg.shape_weighted) | set(cfg.schedule)) - set(TRAINED_CONDITIONS))
+    unknown = sorted(set(cfg.shape_weighted) - set(TRAINED_CONDITIONS))
     if unknown:
-        raise ValueError(f"ControlNetConfig.shape_weighted / schedule: {unknown} are not conditions it trains "
+        raise ValueError(f"ControlNetConfig.shape_weighted: {unknown} are not conditions it trains "
                          f"({sorted(TRAINED_CONDITIONS)})")
     from diffsynth.controlnets import Annotator, ControlNetUnit, MultiControlNetManager
     from diffsynth.pipelines.dancer import lets_dance_xl
@@ -163,23 +157,20 @@ def train_controlnet(controlnet, unet, latents: torch.Tensor, conds: dict, capti
     managers = {kind: PerSample(MultiControlNetManager([ControlNetUnit(Annotator(pid, skip_processor=True),
                                                                        controlnet, 1.0)]))
                 for kind, pid in TRAINED_CONDITIONS.items()}
-    kinds = list(cfg.schedule)
+    kinds = list(TRAINED_CONDITIONS)
     alphas = torch.tensor(scheduler.alphas_cumprod)
     n, _, h, w = latents.shape
     size = h * 8
     add_time_id = torch.tensor([size, w * 8, 0, 0, size, w * 8]).repeat(cfg.batch_size)
     controlnet.train()
-    losses = {k: [] for k in dict.fromkeys(kinds)}
+    losses = {k: [] for k in kinds}
     t0 = time.perf_counter()
     for step in range(cfg.steps):
         kind = kinds[step % len(kinds)]
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         rows = [caption_rows[i][int(torch.randint(0, len(caption_rows[i]), (1,), generator=gen))] for i in idx.tolist()]
-        dropout = cfg.caption_dropout
-        if kind == "colour" and cfg.colour_caption_dropout is not None:
-            dropout = cfg.colour_caption_dropout
-        if dropout:
-            drop = (torch.rand(len(rows), generator=gen) < dropout).tolist()
+        if cfg.caption_dropout:
+            drop = (torch.rand(len(rows), generator=gen) < cfg.caption_dropout).tolist()
             rows = [empty_row if d else r for r, d in zip(rows, drop)]
         noisy, target, t = noisy_batch(latents[idx], cfg, scheduler, gen)
         cond = condition_batch(conds, kind, idx, size, gen)
@@ -204,5 +195,4 @@ def train_controlnet(controlnet, unet, latents: torch.Tensor, conds: dict, capti
                 + f"  lr {sched.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.0f} s")
     controlnet.eval()
     return {"ema": ema.model, "losses": losses, "seconds": time.perf_counter() - t0,
-            "config": {**asdict(cfg), "adam_betas": list(cfg.adam_betas), "shape_weighted": list(cfg.shape_weighted),
-                       "schedule": list(cfg.schedule)}}
+            "config": {**asdict(cfg), "adam_betas": list(cfg.adam_betas), "shape_weighted": list(cfg.shape_weighted)}}
