@@ -218,7 +218,8 @@ def train_from_scratch(profile, prompt: str = "一个红色的圆形，蓝色背
                      seed=seed, log_every=10 ** 9, ema_decay=0.0, **recipe)
     coverage = W.shape_coverage_batch(scene_list, size, range(len(scene_list))) if cfg.shape_weight else None
     out = train_unet(pipe.unet, latents, rows, hidden, pooled, cfg, log=None, cell_weights=coverage,
-                     empty_row=index[""], callback=lambda done, _: sample(done) if done % sample_every == 0 or done == steps else None)
+                     empty_row=index[""],
+                     callback=lambda done, _: sample(done) if done % sample_every == 0 or done == steps else None)
     run.losses = out["losses"]
     run.seconds = time.perf_counter() - t0
     return run
