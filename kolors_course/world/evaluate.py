@@ -122,7 +122,7 @@ def evaluate(pipe, seeds=range(32), steps: int = EVAL_STEPS, cfg_scale: float = 
     plain = [judge(_gen(pipe, f"一个{W.SHAPES[s % 4]}", s, cfg_scale, steps, size), with_style=False) for s in seeds]
     if isinstance(negative_colours, int):
         drawn = {c: _share(plain, c) for c in W.COLOURS}
-        negative_colours = sorted(drawn, key=lambda c: (-drawn[c], list(W.COLOURS).index(c)))[:negative_colours]
+        negative_colours = sorted(drawn, key=lambda c: -drawn[c])[:negative_colours]     # stable: ties by palette
     neg = {}
     for c in negative_colours:
         vs = [judge(_gen(pipe, f"一个{W.SHAPES[s % 4]}", s, cfg_scale, steps, size, negative_prompt=c),

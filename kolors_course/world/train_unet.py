@@ -259,9 +259,10 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
         x0 = latents[idx]
         noisy, target, t = noisy_batch(x0, cfg, scheduler, gen)
         if text is not None:
-            batch_hidden, batch_pooled = text(rows + [empty_row] if cfg.pooled_dropout else rows)
-            batch_hidden, empty_pooled, batch_pooled = batch_hidden[:len(rows)], batch_pooled[len(rows):], \
-                batch_pooled[:len(rows)]
+            # the empty caption rides along in the same call, so its pooled vector is this step's
+            enc_hidden, enc_pooled = text(rows + [empty_row] if cfg.pooled_dropout else rows)
+            batch_hidden, batch_pooled, empty_pooled = enc_hidden[:len(rows)], enc_pooled[:len(rows)], \
+                enc_pooled[len(rows):]
         else:
             batch_hidden, batch_pooled = hidden[rows].float(), pooled[rows]
             empty_pooled = pooled[empty_row:empty_row + 1] if cfg.pooled_dropout else None
