@@ -119,6 +119,7 @@ def cmd_build_tiny(args) -> int:
 
     try:
         recipe = parse_unet_options(args.unet_option)
+        vae_recipe = parse_unet_options(args.vae_option, "--vae-option")
     except ValueError as e:
         print(f"kolors-course build-tiny: {e}", file=sys.stderr)
         return 2
@@ -126,7 +127,7 @@ def cmd_build_tiny(args) -> int:
     manifest = build_tiny(args.out, seed=args.seed, threads=args.threads, quick=args.quick,
                           log_file=args.log_file, command=command, stages=tuple(args.stage or STAGES),
                           vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                          controlnet_steps=args.controlnet_steps, unet_recipe=recipe)
+                          controlnet_steps=args.controlnet_steps, unet_recipe=recipe, vae_recipe=vae_recipe)
     if manifest is None:
         print(f"stage(s) {', '.join(args.stage)} written under {args.out}; run `--stage finish` when the others are done")
     else:
@@ -199,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--unet-option", action="append", default=[], metavar="KEY=VALUE",
                     help="override one entry of the UNet's training recipe (kolors_course.world.build.UNET_RECIPE, "
                          "fields of UNetConfig), e.g. x0_weight_cap=10, or =none to switch it off (repeatable)")
+    bt.add_argument("--vae-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one entry of the VAE's training recipe (kolors_course.world.build.VAE_RECIPE, "
+                         "fields of VAEConfig), e.g. edge_weight=0 (repeatable)")
     bt.set_defaults(func=cmd_build_tiny)
     return p
 

@@ -255,6 +255,24 @@ def test_parameter_counts_match_the_adapters_training_creates(tiny, tiny_pipe):
     assert total == sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
 
 
+def test_target_modules_name_layers_as_peft_does(tiny):
+    """A target is matched by the end of a layer's dotted name, as peft matches it: "attn2.to_k"
+    puts adapters on the cross-attention's key projections only, the counts of notebook 03 agree,
+    and a name that is no layer is refused before anything trains."""
+    from kolors_course.lora.adapters import add_lora
+    from kolors_course.models.loading import load_pipeline
+
+    unet = load_pipeline(tiny).unet
+    params = add_lora(unet, TrainConfig.for_profile(tiny, rank=4, target_modules=("attn2.to_k", "attn2.to_v")))
+    adapted = {n.rsplit(".lora_", 1)[0] for n, _ in unet.named_parameters() if "lora_" in n}
+    assert adapted and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in adapted)
+    assert any(n.endswith("attn1.to_k") for n, _ in unet.named_modules())      # self-attention left alone
+    _, counts = lora_parameter_counts(load_pipeline(tiny).unet, ranks=(4,), target_modules=("attn2.to_k", "attn2.to_v"))
+    assert sum(p.numel() for p in params) == counts[4]
+    with pytest.raises(TrainingError, match="attn3.to_k"):
+        add_lora(load_pipeline(tiny).unet, TrainConfig.for_profile(tiny, target_modules=("attn3.to_k",)))
+
+
 def test_preflight_advises_on_a_small_gpu(monkeypatch):
     cfg = TrainConfig(gradient_checkpointing=False, batch_size=2, resolution=1024)
     assert preflight(cfg, "cpu") == []

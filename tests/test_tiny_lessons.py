@@ -181,14 +181,9 @@ def test_which_words_the_shipped_unet_reads(pipe):
     """One level below the pictures (README "The tiny world"): the shipped UNet reads the
     background's colour word where the background is, and what the wrong captions cost is finite
     and measured, not assumed."""
-    import json
-    from pathlib import Path
-
     from kolors_course.world.diagnose import word_reliance
-    from kolors_course.world.train_vae import CellStats
 
-    folder = Path(E.__file__).resolve().parent / "weights"
-    stats = CellStats(**json.loads((folder / "manifest.json").read_text())["cell_stats"])
+    folder, stats = _shipped_stats()
     r = word_reliance(pipe.unet.eval(), stats, n=24, timesteps=(900,), weights=folder)[900]
     assert r["background_cells"]["background"] > 1.3, r      # a wrong background word costs there
     assert all(0.2 < v < 20 for cells in r.values() for v in cells.values()), r
@@ -198,3 +193,37 @@ def test_which_words_the_shipped_unet_reads(pipe):
     assert tokens["background_cells"]["background"] > 1.3, tokens
     with pytest.raises(ValueError, match="path"):
         word_reliance(pipe.unet.eval(), stats, n=2, timesteps=(900,), weights=folder, path="pooled_only")
+
+
+def _shipped_stats():
+    import json
+    from pathlib import Path
+
+    from kolors_course.world.train_vae import CellStats
+
+    folder = Path(E.__file__).resolve().parent / "weights"
+    return folder, CellStats(**json.loads((folder / "manifest.json").read_text())["cell_stats"])
+
+
+@pytest.fixture(scope="module")
+def positions(pipe):
+    from kolors_course.world.diagnose import position_reliance
+
+    folder, stats = _shipped_stats()
+    return position_reliance(pipe.unet.eval(), stats, n=24, timesteps=(900, 400), weights=folder)
+
+
+def test_the_position_probe_sees_where_the_noisy_latent_puts_the_shape(positions):
+    """The probe behind the left/right miss can see a shift when there is one: the true pictures'
+    shapes are about 6 cells apart, and at timestep 400 the UNet's predicted clean latent puts the
+    shape where the noisy latent says (right-hand pictures' shapes well to the right)."""
+    assert positions["true_shift"] > 4, positions
+    assert positions[400]["latent_shift"] > 2, positions
+
+
+@misses("the predicted clean latent's shape moves 0.0 cells when the caption says 右边 instead of 左边, at every "
+        "timestep (README: the UNet ignores the position word, while it follows the noisy latent's position)")
+def test_the_position_word_moves_the_predicted_shape(positions):
+    """At the noisiest steps, where the layout is decided, saying 右边 instead of 左边 moves the
+    predicted shape to the right by at least a third of the true distance."""
+    assert positions[900]["word_shift"] > positions["true_shift"] / 3, positions

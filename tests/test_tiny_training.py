@@ -98,6 +98,23 @@ def test_the_shipped_weights_match_their_manifest_and_are_what_the_profile_loads
         assert (cache / rel).read_bytes() == (T.shipped_weights_dir() / rel).read_bytes()
 
 
+def test_the_build_defaults_are_the_shipped_recipe():
+    """``kolors-course build-tiny`` with no options rebuilds what ships: the shipped manifest's VAE
+    and UNet settings are the defaults' and the recipes' (a recipe changed without a rebuild, or a
+    rebuild shipped without changing the defaults, fails here)."""
+    from kolors_course.world.build import DEFAULTS, UNET_RECIPE, VAE_RECIPE
+
+    settings = T.check_shipped()["settings"]
+    for key in ("n_scenes", "captions_per_scene", "vae_images", "vae_steps", "vae_crop", "vae_batch", "unet_steps",
+                "unet_batch"):
+        assert settings[key] == DEFAULTS[key], key
+    assert settings["vae"]["steps"] == DEFAULTS["vae_steps"] and settings["unet"]["steps"] == DEFAULTS["unet_steps"]
+    for key, value in VAE_RECIPE.items():
+        assert settings["vae"][key] == value, key
+    for key, value in UNET_RECIPE.items():
+        assert settings["unet"][key] == value, key
+
+
 def test_a_cache_of_other_weights_is_refreshed(tmp_path):
     """A cache made from another build (an older kit, a rebuild) is replaced, not reused."""
     cache = T.build_random_tiny_models(tmp_path / "cache")
@@ -184,9 +201,70 @@ def test_a_recipe_override_is_checked_before_anything_trains(tmp_path):
     for bad in (["x0_weight_cap"], ["=3"], ["shape_weight=lots"]):
         with pytest.raises(ValueError, match="--unet-option"):
             parse_unet_options(bad)
+    with pytest.raises(ValueError, match="--vae-option edge_weight"):
+        parse_unet_options(["edge_weight=lots"], "--vae-option")
     with pytest.raises(ValueError, match="unknown UNet recipe entries"):
         build_tiny(tmp_path / "out", quick=True, stages=("unet",), unet_recipe={"shape_wieght": 3.0})
-    assert not (tmp_path / "out" / T.UNET_REL).exists()
+    with pytest.raises(ValueError, match="unknown VAE recipe entries"):
+        build_tiny(tmp_path / "out", quick=True, stages=("vae",), vae_recipe={"edge_wieght": 3.0})
+    assert not (tmp_path / "out" / T.UNET_REL).exists() and not (tmp_path / "out" / T.VAE_REL).exists()
+
+
+def test_the_edge_map_marks_the_outline_not_flat_colour():
+    """``edge_map`` is 1 on a shape's outline and 0 on flat colour, so ``VAEConfig.edge_weight`` makes
+    an error on the outline cost more than the same error on a flat area."""
+    import numpy as np
+
+    from kolors_course.world import scenes as W
+    from kolors_course.world.train_vae import edge_map, images_to_tensor, to_unit
+
+    s = W.Scene(shape="正方形", colour="红色", background="蓝色", style="扁平")
+    x = to_unit(images_to_tensor([W.render(s, seed=0)]))
+    edges = edge_map(x)[0, 0].numpy()
+    cov = np.asarray(W.shape_mask(s.shape, *W.layout(s, 128, __import__("random").Random("render:0")), 128),
+                     np.float32) / 255
+    t = torch.from_numpy(cov)[None, None]
+    pool = torch.nn.functional.max_pool2d
+    # the outline: where the shape's coverage changes from a pixel to its neighbours
+    outline = (pool(t, 3, 1, 1) + pool(-t, 3, 1, 1))[0, 0].numpy() > 0.5
+    assert outline.sum() > 100 and edges[outline].mean() > 0.9
+    # flat: more than three pixels from the outline, inside the shape or out
+    far = pool(torch.from_numpy(outline.astype(np.float32))[None, None], 7, 1, 3)[0, 0].numpy() == 0
+    assert far.sum() > 10_000 and edges[far].max() == 0.0
+
+
+def test_the_encoders_always_index_the_empty_caption():
+    """Every recipe needs the empty caption (caption dropout, pooled dropout, the ControlNet's
+    unconditional rows): ``encode_captions`` and ``CaptionEncoder`` give it a row whether or not the
+    world's captions held one, and it encodes as the prompter encodes ``""``."""
+    from diffsynth.prompters import KolorsPrompter
+
+    from kolors_course.world.train_unet import CaptionEncoder, encode_captions
+
+    prompter = KolorsPrompter()
+    prompter.fetch_models(T.text_encoder_module())
+    caps = ["一个红色的圆形，蓝色背景", "蓝色背景"]
+    index, hidden, pooled = encode_captions(prompter, caps, log=None)
+    assert set(index) == set(caps) | {""} and len(hidden) == len(pooled) == 3
+    _, alone, _ = encode_captions(prompter, [""], log=None)
+    assert torch.equal(hidden[index[""]], alone[0])
+    assert set(CaptionEncoder(prompter, caps).index) == set(index)
+
+
+def test_the_build_world_gives_each_stage_the_same_scenes():
+    """The shape coverage the UNet's and the ControlNet's losses weight comes from the scenes the
+    pictures were drawn from, with their layout seeds (``render``'s own jitter)."""
+    import numpy as np
+
+    from kolors_course.world import build as B
+    from kolors_course.world import scenes as W
+
+    world = B._world(B.QUICK, seed=3, size=T.IMAGE_SIZE, quick=True)
+    cov = world.shape_coverage()
+    assert cov.shape == (len(world.scenes), 1, T.IMAGE_SIZE // 8, T.IMAGE_SIZE // 8)
+    for i in (0, len(world.scenes) - 1):
+        assert np.allclose(cov[i, 0].numpy(), W.shape_coverage(world.scenes[i], seed=world.render_seeds[i]))
+        assert world.pixels[i].shape == (3, T.IMAGE_SIZE, T.IMAGE_SIZE)
 
 
 def test_the_caption_encoder_is_the_prompters_own_call_and_trains_only_the_layers():

@@ -201,7 +201,7 @@ def train_from_scratch(profile, prompt: str = "一个红色的圆形，蓝色背
                              stats)
     rng = random.Random(f"scratch:{seed}")
     captions = [W.caption(s, rng) for s in scene_list]
-    index, hidden, pooled = encode_captions(pipe.prompter, captions + [""], log=None)   # "": the recipe's dropouts
+    index, hidden, pooled = encode_captions(pipe.prompter, captions, log=None)
     rows = [[index[c]] for c in captions]
     run = ScratchRun(prompt)
     n_steps = sample_steps or profile.steps

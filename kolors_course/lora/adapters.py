@@ -9,16 +9,23 @@ from kolors_course.core.state import torch_global_seed
 from kolors_course.lora.config import TrainConfig, TrainingError
 
 
+def targets(name: str, target_modules) -> bool:
+    """Whether layer ``name`` is one of ``target_modules``, as peft matches them: by the end of its
+    dotted name, so "to_k" is every attention's key projection and "attn2.to_k" only the
+    cross-attention's (the one that reads the text)."""
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
 def add_lora(unet, cfg: TrainConfig):
     """Freeze the UNet and add peft LoRA adapters to its attention projections."""
     from peft import LoraConfig, inject_adapter_in_model
 
     unet.requires_grad_(False)
-    names = {n.split(".")[-1] for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = [t for t in cfg.target_modules if t not in names]
+    names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
+    missing = [t for t in cfg.target_modules if not any(targets(n, (t,)) for n in names)]
     if missing:
-        raise TrainingError(f"target_modules {missing} are not layers of this UNet "
-                            "(its attention layers are to_q, to_k, to_v, to_out)")
+        raise TrainingError(f"target_modules {missing} are not layers of this UNet (its attention layers "
+                            "are to_q, to_k, to_v, to_out; attn1.* are self-attention's, attn2.* cross-attention's)")
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
                       init_lora_weights=True, lora_dropout=0.0)
     # peft draws the initial A matrices from torch's global generator: seeded for the run,

@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from kolors_course.world.train_vae import CellStats, VAEConfig, encoder_error, f
 #: the settings of the shipped build (its manifest.json records the timings they took)
 #: VAE on whole pictures: trained on crops it drew colour casts and border artefacts on whole
 #: 128-pixel pictures (its GroupNorms see other statistics); the UNet learns fast, the VAE slowly.
-DEFAULTS = dict(n_scenes=2500, captions_per_scene=3, vae_images=2500, vae_steps=800, vae_crop=128,
+DEFAULTS = dict(n_scenes=2500, captions_per_scene=3, vae_images=2500, vae_steps=1200, vae_crop=128,
                 unet_steps=4000, unet_batch=32, vae_batch=8, controlnet_steps=3000, controlnet_batch=16)
 #: the UNet's training recipe beyond the loop's defaults (see UNetConfig for why each is there).
 #: README "The tiny world" has each one's measured effect: the text encoder's layers trained with
@@ -44,6 +44,10 @@ DEFAULTS = dict(n_scenes=2500, captions_per_scene=3, vae_images=2500, vae_steps=
 #: course's LoRA) reads; without it the UNet read every word from the pooled embedding alone.
 UNET_RECIPE = dict(offset_noise=0.3, high_t_fraction=0.3, high_t_start=0.6, x0_weight_cap=100.0,
                    train_text_encoder=True, shape_weight=12.0, pooled_dropout=0.5)
+#: the VAE's training recipe beyond ``VAEConfig``'s defaults: the edge-weighted pixel loss makes the
+#: decoder spend its effort on outlines (README "The tiny world": the shapes the judge reads back
+#: through its round trip).
+VAE_RECIPE = dict(edge_weight=8.0)
 QUICK = dict(n_scenes=48, captions_per_scene=2, vae_images=48, vae_steps=30, vae_crop=32, unet_steps=20,
              unet_batch=8, vae_batch=4, controlnet_steps=6, controlnet_batch=4)
 
@@ -77,21 +81,31 @@ def _render_seed(seed: int, i: int) -> int:
     return seed * 1_000_003 + i
 
 
-def _world(knobs: dict, seed: int, size: int, quick: bool):
-    """The training pictures (uint8), their captions, and held-out pictures: same seed, same bytes."""
+@dataclass
+class TrainingWorld:
+    """What every stage trains on, drawn once per build: the scenes, their pictures (uint8), the
+    captions of each, and held-out pictures for the VAE's PSNR."""
+    scenes: list
+    render_seeds: list
+    pixels: torch.Tensor
+    captions: list
+    held_pixels: torch.Tensor
+
+    def shape_coverage(self) -> torch.Tensor:
+        """N x 1 x h x w: the share of each latent cell the shape of training picture i covers."""
+        return W.shape_coverage_batch(self.scenes, self.pixels.shape[-1], self.render_seeds)
+
+
+def _world(knobs: dict, seed: int, size: int, quick: bool) -> TrainingWorld:
+    """The world a build trains on: same seed, same bytes."""
     scene_list = W.sample_scenes(knobs["n_scenes"], seed=seed)
-    pixels = images_to_tensor([W.render(s, size=size, seed=_render_seed(seed, i)) for i, s in enumerate(scene_list)])
+    render_seeds = [_render_seed(seed, i) for i in range(len(scene_list))]
+    pixels = images_to_tensor([W.render(s, size=size, seed=r) for s, r in zip(scene_list, render_seeds)])
     rng = random.Random(f"captions:{seed}")
     captions = [[W.caption(s, rng) for _ in range(knobs["captions_per_scene"])] for s in scene_list]
     held_out = W.sample_scenes(64 if not quick else 8, seed=seed + 7919)
     held_pixels = images_to_tensor([W.render(s, size=size, seed=10 ** 6 + i) for i, s in enumerate(held_out)])
-    return pixels, captions, held_pixels
-
-
-def _shape_coverage(knobs: dict, seed: int, size: int) -> torch.Tensor:
-    """N x 1 x h x w: the share of each latent cell the shape of training picture i covers."""
-    scene_list = W.sample_scenes(knobs["n_scenes"], seed=seed)
-    return W.shape_coverage_batch(scene_list, size, [_render_seed(seed, i) for i in range(len(scene_list))])
+    return TrainingWorld(scene_list, render_seeds, pixels, captions, held_pixels)
 
 
 def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps: int | None = None,
@@ -101,7 +115,8 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
                unet_batch: int | None = None, vae_batch: int | None = None,
                unet_lr: float = 1e-3, vae_lr: float = 1e-3, dtype: str = "float16",
                eval_seeds: int = 12, evaluate_result: bool = True, log_file: str | None = None,
-               command: str | None = None, stages=STAGES, unet_recipe: dict | None = None) -> dict | None:
+               command: str | None = None, stages=STAGES, unet_recipe: dict | None = None,
+               vae_recipe: dict | None = None) -> dict | None:
     """Train and write the tiny UNet and VAE under ``out_dir``; returns the manifest.
 
     The stages are independent until ``finish``: the UNet trains on latents that are a fixed
@@ -125,6 +140,10 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
         unknown = set(recipe) - set(UNetConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown UNet recipe entries {sorted(unknown)}: see UNetConfig")
+        vae_recipe = {**VAE_RECIPE, **(vae_recipe or {})}
+        unknown = set(vae_recipe) - set(VAEConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown VAE recipe entries {sorted(unknown)}: see VAEConfig")
         settings = {**knobs, "seed": seed, "threads": threads, "quick": quick, "unet_lr": unet_lr,
                     "vae_lr": vae_lr, "dtype": dtype}
         out_dir = Path(out_dir)
@@ -138,18 +157,18 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
             import kolors_course.models.tiny as T
 
             t0 = time.perf_counter()
-            pixels, captions, held_pixels = _world(knobs, seed, T.IMAGE_SIZE, quick)
-            stats = CellStats.of(pixels)
-            log(f"world: {len(pixels)} pictures, {sum(map(len, captions))} captions "
+            world = _world(knobs, seed, T.IMAGE_SIZE, quick)
+            stats = CellStats.of(world.pixels)
+            log(f"world: {len(world.pixels)} pictures, {sum(map(len, world.captions))} captions "
                 f"({time.perf_counter() - t0:.0f} s); latent cell stats {stats}")
             if "vae" in stages:
-                _vae_stage(out_dir, pixels, held_pixels, stats, knobs, settings, seed, quick, vae_lr, dtype,
-                           command, log)
+                _vae_stage(out_dir, world, stats, knobs, settings, seed, quick, vae_lr, dtype,
+                           command, log, vae_recipe)
             if "unet" in stages:
-                _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, unet_lr, dtype,
+                _unet_stage(out_dir, world, stats, knobs, settings, seed, quick, unet_lr, dtype,
                             command, log, recipe)
             if "controlnet" in stages:
-                _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, dtype, command, log)
+                _controlnet_stage(out_dir, world, stats, knobs, settings, seed, quick, dtype, command, log)
         if "finish" not in stages:
             return None
         return _finish(out_dir, settings, command, eval_seeds, evaluate_result, quick, log, t_start)
@@ -157,23 +176,25 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
         torch.set_num_threads(saved_threads)
 
 
-def _vae_stage(out_dir, pixels, held_pixels, stats, knobs, settings, seed, quick, vae_lr, dtype, command, log):
+def _vae_stage(out_dir, world, stats, knobs, settings, seed, quick, vae_lr, dtype, command, log,
+               recipe=VAE_RECIPE):
     """Train the VAE to the cell latents and write it (with its record in parts/vae.json)."""
     import kolors_course.models.tiny as T
 
     # The VAE also sees the world in the LoRA lesson's pastel-and-grain look: the base UNet never
     # does, but the VAE must be able to draw what the LoRA teaches.
-    vae_pixels = torch.cat([pixels[:knobs["vae_images"]], images_to_tensor(
+    vae_pixels = torch.cat([world.pixels[:knobs["vae_images"]], images_to_tensor(
         _pastel_pictures(W.sample_scenes(knobs["vae_images"] // 5, seed=seed + 31), T.IMAGE_SIZE, seed))])
     classes = T.diffsynth_classes()
     torch.manual_seed(seed)
     encoder, decoder = classes["sdxl_vae_encoder"](), classes["sdxl_vae_decoder"]()
     cfg = VAEConfig(steps=knobs["vae_steps"], batch_size=knobs["vae_batch"], learning_rate=vae_lr, seed=seed,
-                    crop=knobs["vae_crop"], log_every=50 if not quick else 5, warmup_steps=50 if not quick else 2)
+                    crop=knobs["vae_crop"], log_every=50 if not quick else 5, warmup_steps=50 if not quick else 2,
+                    **recipe)
     run = train_vae(encoder, decoder, vae_pixels, cfg, stats=stats, log=log)
     fold_latent_scale(encoder, decoder, torch.zeros(4), torch.ones(4))   # only DiffSynth's fixed factor
-    held_psnr = psnr(encoder, decoder, held_pixels)
-    enc_err = encoder_error(encoder, held_pixels, stats)
+    held_psnr = psnr(encoder, decoder, world.held_pixels)
+    enc_err = encoder_error(encoder, world.held_pixels, stats)
     log(f"vae: {run['seconds']:.0f} s, held-out PSNR {held_psnr:.1f} dB, encoder error {enc_err:.4f} (latent units)")
     if (out_dir / T.VAE_REL).parent.exists():
         shutil.rmtree((out_dir / T.VAE_REL).parent)
@@ -185,13 +206,13 @@ def _vae_stage(out_dir, pixels, held_pixels, stats, knobs, settings, seed, quick
                    "vae_heldout_psnr_db": held_psnr, "vae_encoder_error": enc_err}})
 
 
-def _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, unet_lr, dtype, command, log,
+def _unet_stage(out_dir, world, stats, knobs, settings, seed, quick, unet_lr, dtype, command, log,
                 recipe=UNET_RECIPE):
     """Train the UNet on the cell latents and the cached captions and write it (parts/unet.json)."""
     import kolors_course.models.tiny as T
 
     t0 = time.perf_counter()
-    latents = target_latents(pixels, stats)
+    latents = target_latents(world.pixels, stats)
     torch.manual_seed(seed + 1)
     unet = T.diffsynth_classes()["sdxl_unet"]()
     cfg = UNetConfig(steps=knobs["unet_steps"], batch_size=knobs["unet_batch"], learning_rate=unet_lr, seed=seed,
@@ -200,15 +221,16 @@ def _unet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, 
     text = None
     if cfg.train_text_encoder:
         # the captions are encoded at every step by a text encoder whose layers train with the UNet
-        text = CaptionEncoder(_prompter(), [c for cs in captions for c in cs] + [""])
-        rows, hidden, pooled, n_captions = [[text.index[c] for c in cs] for cs in captions], None, None, len(text.index)
+        text = CaptionEncoder(_prompter(), [c for cs in world.captions for c in cs])
+        rows = [[text.index[c] for c in cs] for cs in world.captions]
+        hidden = pooled = None
+        n_captions = len(text.index)
         empty_row = text.index[""]
     else:
-        rows, hidden, pooled, n_captions, extra = _encoded_captions(captions, log, extra=("",))
-        empty_row = extra[""]
+        rows, hidden, pooled, n_captions, empty_row = _encoded_captions(world.captions, log)
     log(f"latents {tuple(latents.shape)}; {n_captions} distinct captions "
         f"{'tokenised' if text else 'encoded'} in {time.perf_counter() - t0:.0f} s")
-    coverage = _shape_coverage(knobs, seed, T.IMAGE_SIZE) if cfg.shape_weight else None
+    coverage = world.shape_coverage() if cfg.shape_weight else None
     run = train_unet(unet, latents, rows, hidden, pooled, cfg, scheduler=kolors_scheduler(), log=log,
                      cell_weights=coverage, text=text, empty_row=empty_row)
     if (out_dir / T.UNET_REL).parent.exists():
@@ -237,13 +259,12 @@ def _prompter(weights=None):
     return prompter
 
 
-def _encoded_captions(captions, log, extra=(), weights=None):
-    """Every distinct caption (and ``extra`` texts) through the frozen tiny ChatGLM (with the trained
-    layers of build folder ``weights``, where it has them), as the pipeline's prompter encodes it.
-    Returns the rows of each picture's captions, the embeddings, the number of distinct captions and
-    ``{text: row}`` for ``extra``."""
-    index, hidden, pooled = encode_captions(_prompter(weights), [c for cs in captions for c in cs] + list(extra), log=log)
-    return [[index[c] for c in cs] for cs in captions], hidden, pooled, len(index), {t: index[t] for t in extra}
+def _encoded_captions(captions, log, weights=None):
+    """Every distinct caption through the frozen tiny ChatGLM (with the trained layers of build folder
+    ``weights``, where it has them), as the pipeline's prompter encodes it.  Returns the rows of each
+    picture's captions, the embeddings, the number of distinct captions and the empty caption's row."""
+    index, hidden, pooled = encode_captions(_prompter(weights), [c for cs in captions for c in cs], log=log)
+    return [[index[c] for c in cs] for cs in captions], hidden, pooled, len(index), index[""]
 
 
 def _check_unet_for_controlnet(out_dir: Path, settings: dict) -> dict:
@@ -263,7 +284,7 @@ def _check_unet_for_controlnet(out_dir: Path, settings: dict) -> dict:
     return unet_record
 
 
-def _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, quick, dtype, command, log):
+def _controlnet_stage(out_dir, world, stats, knobs, settings, seed, quick, dtype, command, log):
     """Train the ControlNet-Union beside the UNet in ``out_dir`` and write it (parts/controlnet.json)."""
     import kolors_course.models.tiny as T
     from kolors_course.world.train_controlnet import TRAINED_CONDITIONS, ControlNetConfig, controlnet_from_unet, \
@@ -275,10 +296,10 @@ def _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, q
     classes = T.diffsynth_classes()
     unet = classes["sdxl_unet"]()
     unet.load_state_dict(T.load_diffsynth_state("unet", unet_path)["sdxl_unet"])
-    latents = target_latents(pixels, stats)
-    conds = world_conditions(pixels)
-    rows, hidden, pooled, n_captions, extra = _encoded_captions(captions, log, extra=("",), weights=out_dir)
-    log(f"controlnet: {len(pixels)} pictures with their canny and colour conditions, {n_captions} captions "
+    latents = target_latents(world.pixels, stats)
+    conds = world_conditions(world.pixels)
+    rows, hidden, pooled, n_captions, empty_row = _encoded_captions(world.captions, log, weights=out_dir)
+    log(f"controlnet: {len(world.pixels)} pictures with their canny and colour conditions, {n_captions} captions "
         f"({time.perf_counter() - t0:.0f} s)")
     cn, shared = controlnet_from_unet(unet, classes["sdxl_controlnet"], seed=seed + 2)
     # the UNet's own loss: its shape weight, from the record of the UNet this ControlNet trains beside
@@ -286,8 +307,8 @@ def _controlnet_stage(out_dir, pixels, captions, stats, knobs, settings, seed, q
     cfg = ControlNetConfig(steps=knobs["controlnet_steps"], batch_size=knobs["controlnet_batch"], seed=seed,
                            log_every=50 if not quick else 2, warmup_steps=50 if not quick else 1,
                            ema_decay=0.995 if not quick else 0.5, shape_weight=shape_weight)
-    coverage = _shape_coverage(knobs, seed, T.IMAGE_SIZE) if cfg.shape_weight else None
-    run = train_controlnet(cn, unet, latents, conds, rows, hidden, pooled, cfg, empty_row=extra[""],
+    coverage = world.shape_coverage() if cfg.shape_weight else None
+    run = train_controlnet(cn, unet, latents, conds, rows, hidden, pooled, cfg, empty_row=empty_row,
                            scheduler=kolors_scheduler(), log=log, cell_weights=coverage)
     if (out_dir / T.CONTROLNET_REL).parent.exists():
         shutil.rmtree((out_dir / T.CONTROLNET_REL).parent)
@@ -470,21 +491,22 @@ def vae_round_trip(pipe, image):
     return pipe.decode_image(pipe.encode_image(x))
 
 
-def parse_unet_options(items) -> dict:
+def parse_unet_options(items, flag: str = "--unet-option") -> dict:
     """``["x0_weight_cap=10", "shape_weight=none"]`` -> ``{"x0_weight_cap": 10.0, "shape_weight": None}``
-    (the ``--unet-option`` flags; ``build_tiny`` checks the keys against ``UNetConfig``)."""
+    (the ``--unet-option`` and ``--vae-option`` flags; ``build_tiny`` checks the keys against
+    ``UNetConfig`` and ``VAEConfig``)."""
     recipe = {}
     for item in items or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--unet-option takes KEY=VALUE, not {item!r}")
+            raise ValueError(f"{flag} takes KEY=VALUE, not {item!r}")
         if value.lower() in ("true", "false"):
             recipe[key] = value.lower() == "true"
             continue
         try:
             recipe[key] = None if value.lower() == "none" else float(value)
         except ValueError:
-            raise ValueError(f"--unet-option {key}: {value!r} is not a number, true/false or 'none'") from None
+            raise ValueError(f"{flag} {key}: {value!r} is not a number, true/false or 'none'") from None
     return recipe
 
 
@@ -503,14 +525,17 @@ def main(argv=None) -> int:
     ap.add_argument("--log-file")
     ap.add_argument("--unet-option", action="append", default=[], metavar="KEY=VALUE",
                     help="override one entry of the UNet's recipe (UNET_RECIPE), e.g. x0_weight_cap=10 or =none")
+    ap.add_argument("--vae-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one entry of the VAE's recipe (VAE_RECIPE), e.g. edge_weight=0")
     a = ap.parse_args(argv)
     try:
         recipe = parse_unet_options(a.unet_option)
+        vae_recipe = parse_unet_options(a.vae_option, "--vae-option")
     except ValueError as e:
         ap.error(str(e))
     build_tiny(a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
                controlnet_steps=a.controlnet_steps, stages=tuple(a.stage or STAGES), threads=a.threads,
-               quick=a.quick, log_file=a.log_file, unet_recipe=recipe, command=" ".join(["python -m kolors_course.world.build"] + sys.argv[1:]))
+               quick=a.quick, log_file=a.log_file, unet_recipe=recipe, vae_recipe=vae_recipe, command=" ".join(["python -m kolors_course.world.build"] + sys.argv[1:]))
     return 0
 
 

@@ -88,3 +88,58 @@ def word_reliance(unet, stats, n: int = 48, seed: int = 777, timesteps=TIMESTEPS
         out[t] = {cells: {k: round(err[k][j] / err["right"][j], 3) for k in err if k != "right"}
                   for j, cells in enumerate(("shape_cells", "background_cells"))}
     return out
+
+
+def _centroid_x(latents: torch.Tensor) -> torch.Tensor:
+    """Horizontal centre (in latent cells) of what differs from the border's colour, per picture:
+    where the shape is, read from the colour channels of a (predicted) clean latent."""
+    border = torch.cat([latents[:, :3, 0], latents[:, :3, -1]], dim=2).mean(dim=2)[..., None, None]
+    far = ((latents[:, :3] - border) ** 2).sum(dim=1)
+    far = far / far.sum(dim=(1, 2), keepdim=True).clamp(min=1e-8)
+    return (far.sum(dim=1) * torch.arange(latents.shape[-1], dtype=latents.dtype)).sum(dim=1)
+
+
+@torch.no_grad()
+def position_reliance(unet, stats, n: int = 32, seed: int = 5, timesteps=(950, 800, 600, 400), weights=None) -> dict:
+    """Does the UNet hear 左边 / 右边?  ``{timestep: {...}}`` in latent cells, for held-out scenes
+    on the left or the right, noised at each timestep:
+
+    - ``"word_shift"``: how far right the predicted clean latent's shape moves when the caption says
+      右边 instead of 左边 (same noisy latent): about 0 means the position word is ignored;
+    - ``"latent_shift"``: how far right it is for pictures whose shape *is* on the right than for those
+      on the left (the caption naming no position): what the noisy latent itself gives away.
+
+    The true pictures' shapes are ``"true_shift"`` apart (about 6 cells)."""
+    import kolors_course.models.tiny as T
+    from diffsynth.prompters import KolorsPrompter
+
+    from kolors_course.world.train_unet import encode_captions, kolors_scheduler
+    from kolors_course.world.train_vae import images_to_tensor, target_latents
+
+    scene_list = [s for s in W.sample_scenes(8 * n, seed=seed) if s.position != "中间"][:n]
+    x0 = target_latents(images_to_tensor([W.render(s, seed=seed * 1000 + i) for i, s in enumerate(scene_list)]),
+                        stats)
+    right = torch.tensor([s.position == "右边" for s in scene_list])
+    base = [f"{s.background}背景上的一个{s.size}{s.colour}{s.shape}" for s in scene_list]
+    caps = {"none": base, "左边": [b + "，在左边" for b in base], "右边": [b + "，在右边" for b in base]}
+    prompter = KolorsPrompter()
+    prompter.fetch_models(T.text_encoder_module(weights))
+    index, hidden, pooled = encode_captions(prompter, [c for cs in caps.values() for c in cs], log=None)
+    alphas = torch.tensor(kolors_scheduler().alphas_cumprod)
+    side = x0.shape[-1] * 8
+    time_ids = torch.tensor([side, side, 0, 0, side, side]).repeat(len(scene_list))
+    true_x = _centroid_x(x0)
+    out = {"true_shift": round(float(true_x[right].mean() - true_x[~right].mean()), 2)}
+    for t in timesteps:
+        a = alphas[t]
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t))
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xs = {}
+        for kind, cs in caps.items():
+            rows = [index[c] for c in cs]
+            eps = unet(noisy, timestep=torch.full((len(rows),), t), encoder_hidden_states=hidden[rows].float(),
+                       add_text_embeds=pooled[rows], add_time_id=time_ids)
+            xs[kind] = _centroid_x((noisy - (1 - a).sqrt() * eps) / a.sqrt())
+        out[t] = {"word_shift": round(float((xs["右边"] - xs["左边"]).mean()), 2),
+                  "latent_shift": round(float(xs["none"][right].mean() - xs["none"][~right].mean()), 2)}
+    return out

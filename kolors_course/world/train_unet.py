@@ -90,13 +90,14 @@ def kolors_scheduler():
 
 @torch.no_grad()
 def encode_captions(prompter, captions, log=print) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Every distinct caption through the pipeline's prompter, once.
+    """Every distinct caption through the pipeline's prompter, once, and always the empty caption
+    (every recipe needs it: caption dropout, pooled dropout, the ControlNet's unconditional rows).
 
     Returns ``(index, hidden, pooled)``: ``index[text]`` is the row of that caption in
     ``hidden`` (float16, N x 256 x dim: half the memory, and the UNet sees float32 again)
-    and ``pooled`` (float32, N x dim).
+    and ``pooled`` (float32, N x dim); ``index[""]`` is the empty caption's.
     """
-    distinct = sorted(set(captions))
+    distinct = sorted(set(captions) | {""})
     hidden, pooled = [], []
     t0 = time.perf_counter()
     for i, text in enumerate(distinct):
@@ -114,14 +115,15 @@ class CaptionEncoder:
 
     Exactly the prompter's own call (``KolorsPrompter.encode_prompt``: its prompt processing,
     256 tokens padded on the left, the penultimate hidden state and the last token of the last),
-    batched; ``index[text]`` is a caption's row.  ``trainable`` are the parameters that train:
+    batched; ``index[text]`` is a caption's row, ``index[""]`` the empty caption's (always there,
+    as in ``encode_captions``).  ``trainable`` are the parameters that train:
     every one but the two 65,024-row tables (input embeddings, unused output layer).
     """
 
     MAX_LENGTH = 256      # as KolorsPrompter.encode_prompt
 
     def __init__(self, prompter, captions):
-        distinct = sorted(set(captions))
+        distinct = sorted(set(captions) | {""})
         self.index = {t: i for i, t in enumerate(distinct)}
         self.text_encoder = prompter.text_encoder
         tok = prompter.tokenizer([prompter.process_prompt(t, positive=True) for t in distinct], padding="max_length",
