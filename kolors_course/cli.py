@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fetch)
 
     bt = sub.add_parser("build-tiny", help="train the tiny profile's UNet, VAE and ControlNet-Union from scratch "
-                                           "(about 85 minutes on 2 cores)")
+                                           "(about 83 minutes on 2 cores with --threads 2; two and a half hours "
+                                           "with the default --threads 1)")
     bt.add_argument("--out", required=True, help="output folder (the shipped one: kolors_course/world/weights)")
     bt.add_argument("--quick", action="store_true", help="a few steps only: checks the path, not for use")
     bt.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

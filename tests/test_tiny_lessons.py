@@ -133,7 +133,7 @@ def test_the_lora_calls_up_its_style_and_the_dial_fades_it_in(lora_sweep):
 
 
 @misses("at strength 1 the pastel look is as strong without the trigger word as with it (pastel "
-        "index 0.44 against 0.44; 0.17 at strength 0): the LoRA learned the look, not the word")
+        "index 0.44 against 0.44; 0.17 at strength 0 with the trigger word): the LoRA learned the look, not the word")
 def test_the_lora_leaks_little_into_prompts_without_its_trigger(lora_sweep):
     index, leak, base_plain = lora_sweep
     gain = index[1.0] - index[0.0]
@@ -221,8 +221,8 @@ def test_the_position_probe_sees_where_the_noisy_latent_puts_the_shape(positions
     assert positions[400]["latent_shift"] > 2, positions
 
 
-@misses("the predicted clean latent's shape moves -0.01 cells when the caption says 右边 instead of 左边, at every "
-        "timestep (README: the UNet ignores the position word, while it follows the noisy latent's position)")
+@misses("the predicted clean latent's shape moves -0.01 / 0.00 cells (timesteps 900 / 400) when the caption says "
+        "右边 instead of 左边 (README: the UNet ignores the position word, while it follows the noisy latent's position)")
 def test_the_position_word_moves_the_predicted_shape(positions):
     """At the noisiest steps, where the layout is decided, saying 右边 instead of 左边 moves the
     predicted shape to the right by at least a third of the true distance."""
