@@ -143,3 +143,48 @@ def position_reliance(unet, stats, n: int = 32, seed: int = 5, timesteps=(950, 8
         out[t] = {"word_shift": round(float((xs["右边"] - xs["左边"]).mean()), 2),
                   "latent_shift": round(float(xs["none"][right].mean() - xs["none"][~right].mean()), 2)}
     return out
+
+
+@torch.no_grad()
+def attention_by_token(unet, prompter, caption: str, timestep: int = 900, seed: int = 0, size: int = 16) -> dict:
+    """Where the UNet's cross-attention looks while it reads ``caption``: the attention mass on each
+    of the caption's tokens, averaged over every cross-attention layer, head and latent cell, for a
+    pure-noise latent at ``timestep`` (where the layout is still to be decided).
+
+    Returns ``{"tokens": [(token, mass), ...], "padding": mass}``: the Kolors prompter pads every
+    caption to 256 tokens, and the padding's states are the same whatever the caption says, so
+    attention spent there reads nothing.  Uniform attention would give each token 1/256 (0.004).
+    """
+    caught = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            caught[name] = out
+        return hook
+
+    layers = {n[: -len(".attn2")]: m for n, m in unet.named_modules() if n.endswith("attn2")}
+    handles = [m.to_q.register_forward_hook(keep((n, "q"))) for n, m in layers.items()]
+    handles += [m.to_k.register_forward_hook(keep((n, "k"))) for n, m in layers.items()]
+    try:
+        tok = prompter.tokenizer(prompter.process_prompt(caption, positive=True), padding="max_length",
+                                 max_length=256, truncation=True)
+        add_emb, emb = prompter.encode_prompt(caption, clip_skip=1, clip_skip_2=2, positive=True, device="cpu")
+        noise = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed))
+        side = size * 8
+        dtype = next(unet.parameters()).dtype
+        unet(noise.to(dtype), timestep=torch.tensor([timestep]), encoder_hidden_states=emb.to(dtype),
+             add_text_embeds=add_emb.to(dtype), add_time_id=torch.tensor([side, side, 0, 0, side, side]))
+    finally:
+        for h in handles:
+            h.remove()
+    mass = torch.zeros(len(tok["input_ids"]))
+    for name, layer in layers.items():
+        heads, dim = layer.num_heads, layer.head_dim
+        q = caught[(name, "q")].float().view(1, -1, heads, dim).transpose(1, 2)
+        k = caught[(name, "k")].float().view(1, -1, heads, dim).transpose(1, 2)
+        mass += torch.softmax(q @ k.transpose(-1, -2) / dim ** 0.5, dim=-1).mean(dim=(0, 1, 2))
+    mass /= len(layers)
+    words = prompter.tokenizer.convert_ids_to_tokens(tok["input_ids"])
+    real = [i for i, m in enumerate(tok["attention_mask"]) if m]
+    return {"tokens": [(words[i], round(float(mass[i]), 4)) for i in real],
+            "padding": round(float(mass.sum() - mass[real].sum()), 4)}
