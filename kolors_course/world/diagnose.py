@@ -188,3 +188,42 @@ def attention_by_token(unet, prompter, caption: str, timestep: int = 900, seed: 
     real = [i for i, m in enumerate(tok["attention_mask"]) if m]
     return {"tokens": [(words[i], round(float(mass[i]), 4)) for i in real],
             "padding": round(float(mass.sum() - mass[real].sum()), 4)}
+
+
+@torch.no_grad()
+def shape_recovery(unet, decoder, prompter, stats, n: int = 48, seed: int = 9, timesteps=(200, 400)) -> dict:
+    """Can the UNet keep a shape it can see?  Big shapes of held-out scenes, noised at each timestep;
+    the UNet's predicted clean latent (under the scene's own prompt) is decoded and the judge reads
+    the shape back.  ``"round_trip"`` is the same for the target latents themselves (what the
+    latent space and the VAE's decoder keep: the ceiling).  Shares of ``n`` scenes, in [0, 1]."""
+    from PIL import Image
+
+    from kolors_course.world import judge as J
+    from kolors_course.world.train_unet import encode_captions, kolors_scheduler
+    from kolors_course.world.train_vae import images_to_tensor, target_latents
+
+    scene_list = [s for s in W.sample_scenes(10 * n, seed=seed) if s.size == "大的"][:n]
+    x0 = target_latents(images_to_tensor([W.render(s, seed=seed * 1000 + i) for i, s in enumerate(scene_list)]),
+                        stats)
+    captions = [W.prompt_for(s) for s in scene_list]
+    index, hidden, pooled = encode_captions(prompter, captions, log=None)
+    rows = [index[c] for c in captions]
+    side = x0.shape[-1] * 8
+    time_ids = torch.tensor([side, side, 0, 0, side, side]).repeat(len(rows))
+    alphas = torch.tensor(kolors_scheduler().alphas_cumprod)
+    dtype = next(decoder.parameters()).dtype
+
+    def shapes_kept(latents):
+        pixels = decoder(latents.to(dtype)).float().clamp(-1, 1)
+        images = [Image.fromarray(((p + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for p in pixels]
+        return sum(J.judge(im, with_style=False).shape == s.shape for im, s in zip(images, scene_list)) / len(rows)
+
+    out = {"round_trip": round(shapes_kept(x0), 3)}
+    udtype = next(unet.parameters()).dtype
+    for t in timesteps:
+        a = alphas[t]
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t))
+        eps = unet(noisy.to(udtype), timestep=torch.full((len(rows),), t), encoder_hidden_states=hidden[rows].to(udtype),
+                   add_text_embeds=pooled[rows].to(udtype), add_time_id=time_ids).float()
+        out[t] = round(shapes_kept((noisy - (1 - a).sqrt() * eps) / a.sqrt()), 3)
+    return out
