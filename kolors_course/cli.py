@@ -115,11 +115,11 @@ def cmd_fetch(args) -> int:
 
 def cmd_build_tiny(args) -> int:
     """Train the tiny profile's UNet and VAE on the synthetic world (kolors_course.world.build)."""
-    from kolors_course.world.build import STAGES, build_tiny, parse_unet_options
+    from kolors_course.world.build import STAGES, build_tiny, parse_recipe_options
 
     try:
-        recipe = parse_unet_options(args.unet_option)
-        vae_recipe = parse_unet_options(args.vae_option, "--vae-option")
+        recipe = parse_recipe_options(args.unet_option)
+        vae_recipe = parse_recipe_options(args.vae_option, "--vae-option")
     except ValueError as e:
         print(f"kolors-course build-tiny: {e}", file=sys.stderr)
         return 2

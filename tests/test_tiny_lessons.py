@@ -257,7 +257,7 @@ def recovery(pipe):
     from kolors_course.world.diagnose import shape_recovery
 
     _, stats = _shipped_stats()
-    return shape_recovery(pipe.unet.eval(), pipe.vae_decoder, pipe.prompter, stats, n=32, timesteps=(200,))
+    return shape_recovery(pipe, stats, n=32, timesteps=(200,))
 
 
 def test_the_vae_carries_big_shapes(recovery):

@@ -194,15 +194,15 @@ def test_the_cell_weighted_loss_counts_the_shape_cells_more():
 
 
 def test_a_recipe_override_is_checked_before_anything_trains(tmp_path):
-    from kolors_course.world.build import parse_unet_options
+    from kolors_course.world.build import parse_recipe_options
 
-    assert parse_unet_options(["x0_weight_cap=10", "shape_weight=none", "train_text_encoder=True"]) == {
+    assert parse_recipe_options(["x0_weight_cap=10", "shape_weight=none", "train_text_encoder=True"]) == {
         "x0_weight_cap": 10.0, "shape_weight": None, "train_text_encoder": True}
     for bad in (["x0_weight_cap"], ["=3"], ["shape_weight=lots"]):
         with pytest.raises(ValueError, match="--unet-option"):
-            parse_unet_options(bad)
+            parse_recipe_options(bad)
     with pytest.raises(ValueError, match="--vae-option edge_weight"):
-        parse_unet_options(["edge_weight=lots"], "--vae-option")
+        parse_recipe_options(["edge_weight=lots"], "--vae-option")
     with pytest.raises(ValueError, match="unknown UNet recipe entries"):
         build_tiny(tmp_path / "out", quick=True, stages=("unet",), unet_recipe={"shape_wieght": 3.0})
     with pytest.raises(ValueError, match="unknown VAE recipe entries"):

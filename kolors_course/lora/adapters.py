@@ -9,7 +9,7 @@ from kolors_course.core.state import torch_global_seed
 from kolors_course.lora.config import TrainConfig, TrainingError
 
 
-def targets(name: str, target_modules) -> bool:
+def is_lora_target(name: str, target_modules) -> bool:
     """Whether layer ``name`` is one of ``target_modules``, as peft matches them: by the end of its
     dotted name, so "to_k" is every attention's key projection and "attn2.to_k" only the
     cross-attention's (the one that reads the text)."""
@@ -22,7 +22,7 @@ def add_lora(unet, cfg: TrainConfig):
 
     unet.requires_grad_(False)
     names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
-    missing = [t for t in cfg.target_modules if not any(targets(n, (t,)) for n in names)]
+    missing = [t for t in cfg.target_modules if not any(is_lora_target(n, (t,)) for n in names)]
     if missing:
         raise TrainingError(f"target_modules {missing} are not layers of this UNet (its attention layers "
                             "are to_q, to_k, to_v, to_out; attn1.* are self-attention's, attn2.* cross-attention's)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from kolors_course.lora.adapters import targets
+from kolors_course.lora.adapters import is_lora_target
 
 
 def plot_loss(losses: list, path: Path, smooth: int = 5):
@@ -34,7 +34,7 @@ def lora_parameter_counts(unet, ranks=(1, 4, 16, 64), target_modules=("to_q", "t
     total = sum(p.numel() for p in unet.parameters())
     per_rank = 0
     for n, m in unet.named_modules():
-        if isinstance(m, torch.nn.Linear) and targets(n, target_modules):
+        if isinstance(m, torch.nn.Linear) and is_lora_target(n, target_modules):
             per_rank += m.in_features + m.out_features
     return total, {r: r * per_rank for r in ranks}
 

@@ -491,7 +491,7 @@ def vae_round_trip(pipe, image):
     return pipe.decode_image(pipe.encode_image(x))
 
 
-def parse_unet_options(items, flag: str = "--unet-option") -> dict:
+def parse_recipe_options(items, flag: str = "--unet-option") -> dict:
     """``["x0_weight_cap=10", "shape_weight=none"]`` -> ``{"x0_weight_cap": 10.0, "shape_weight": None}``
     (the ``--unet-option`` and ``--vae-option`` flags; ``build_tiny`` checks the keys against
     ``UNetConfig`` and ``VAEConfig``)."""
@@ -529,8 +529,8 @@ def main(argv=None) -> int:
                     help="override one entry of the VAE's recipe (VAE_RECIPE), e.g. edge_weight=0")
     a = ap.parse_args(argv)
     try:
-        recipe = parse_unet_options(a.unet_option)
-        vae_recipe = parse_unet_options(a.vae_option, "--vae-option")
+        recipe = parse_recipe_options(a.unet_option)
+        vae_recipe = parse_recipe_options(a.vae_option, "--vae-option")
     except ValueError as e:
         ap.error(str(e))
     build_tiny(a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps,

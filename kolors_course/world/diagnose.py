@@ -27,6 +27,48 @@ from kolors_course.world import scenes as W
 TIMESTEPS = (300, 600, 900)
 
 
+def _held_out_latents(scene_list, stats, seed: int) -> torch.Tensor:
+    """The target latents of held-out scenes (drawn with ``render`` seeds ``seed * 1000 + i``)."""
+    from kolors_course.world.train_vae import images_to_tensor, target_latents
+
+    return target_latents(images_to_tensor([W.render(s, seed=seed * 1000 + i) for i, s in enumerate(scene_list)]),
+                          stats)
+
+
+def _encoded(captions, weights=None, prompter=None):
+    """``encode_captions`` through ``prompter``, or through the text encoder of build folder
+    ``weights`` (its trained layers, where it has them), else the seeded one."""
+    from kolors_course.world.train_unet import encode_captions
+
+    if prompter is None:
+        import kolors_course.models.tiny as T
+        from diffsynth.prompters import KolorsPrompter
+
+        prompter = KolorsPrompter()
+        prompter.fetch_models(T.text_encoder_module(weights))
+    return encode_captions(prompter, captions, log=None)
+
+
+def _noised(x0: torch.Tensor, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(noisy latents at timestep t, alpha-bar at t)`` on the Kolors pipeline's schedule, seeded."""
+    from kolors_course.world.train_unet import kolors_scheduler
+
+    a = torch.tensor(kolors_scheduler().alphas_cumprod)[t]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, a
+
+
+def _clean_prediction(unet, noisy: torch.Tensor, a: torch.Tensor, t: int, hidden: torch.Tensor,
+                      pooled: torch.Tensor) -> torch.Tensor:
+    """The UNet's predicted clean latent (float32) for ``noisy`` at timestep ``t`` under the given
+    token states and pooled embeddings (one row per latent)."""
+    n, side = len(noisy), noisy.shape[-1] * 8
+    dtype = next(unet.parameters()).dtype
+    eps = unet(noisy.to(dtype), timestep=torch.full((n,), t), encoder_hidden_states=hidden.to(dtype),
+               add_text_embeds=pooled.to(dtype), add_time_id=torch.tensor([side, side, 0, 0, side, side]).repeat(n))
+    return (noisy - (1 - a).sqrt() * eps.float()) / a.sqrt()
+
+
 def _captions(scene_list, seed: int) -> list[dict]:
     rng = random.Random(f"diagnose:{seed}")
 
@@ -53,37 +95,22 @@ def word_reliance(unet, stats, n: int = 48, seed: int = 777, timesteps=TIMESTEPS
     pooled embedding)."""
     if path not in ("both", "tokens", "pooled"):
         raise ValueError(f"path={path!r}: expected 'both', 'tokens' or 'pooled'")
-    import kolors_course.models.tiny as T
-    from diffsynth.prompters import KolorsPrompter
-
-    from kolors_course.world.train_unet import encode_captions, kolors_scheduler
-    from kolors_course.world.train_vae import images_to_tensor, target_latents
-
     scene_list = W.sample_scenes(n, seed=seed)
-    x0 = target_latents(images_to_tensor([W.render(s, seed=seed * 1000 + i) for i, s in enumerate(scene_list)]),
-                        stats)
+    x0 = _held_out_latents(scene_list, stats, seed)
     shape = torch.from_numpy(np.stack(
         [W.shape_coverage(s, seed=seed * 1000 + i) for i, s in enumerate(scene_list)])).unsqueeze(1)
     caps = _captions(scene_list, seed)
-    prompter = KolorsPrompter()
-    prompter.fetch_models(T.text_encoder_module(weights))
-    index, hidden, pooled = encode_captions(prompter, [c for cs in caps for c in cs.values()], log=None)
-    alphas = torch.tensor(kolors_scheduler().alphas_cumprod)
-    side = x0.shape[-1] * 8
-    time_ids = torch.tensor([side, side, 0, 0, side, side]).repeat(n)
+    index, hidden, pooled = _encoded([c for cs in caps for c in cs.values()], weights)
     out = {}
     for t in timesteps:
-        a = alphas[t]
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t))
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        noisy, a = _noised(x0, t, seed + t)
         err = {}
         for kind in caps[0]:
             rows = [index[cs[kind]] for cs in caps]
             right = [index[cs["right"]] for cs in caps]
-            eps = unet(noisy, timestep=torch.full((n,), t),
-                       encoder_hidden_states=hidden[right if path == "pooled" else rows].float(),
-                       add_text_embeds=pooled[right if path == "tokens" else rows], add_time_id=time_ids)
-            e = (((noisy - (1 - a).sqrt() * eps) / a.sqrt() - x0)[:, :3] ** 2).mean(dim=1, keepdim=True)
+            pred = _clean_prediction(unet, noisy, a, t, hidden[right if path == "pooled" else rows],
+                                     pooled[right if path == "tokens" else rows])
+            e = ((pred - x0)[:, :3] ** 2).mean(dim=1, keepdim=True)
             err[kind] = (float((e * shape).sum() / shape.sum()), float((e * (1 - shape)).sum() / (1 - shape).sum()))
         out[t] = {cells: {k: round(err[k][j] / err["right"][j], 3) for k in err if k != "right"}
                   for j, cells in enumerate(("shape_cells", "background_cells"))}
@@ -110,36 +137,20 @@ def position_reliance(unet, stats, n: int = 32, seed: int = 5, timesteps=(950, 8
       on the left (the caption naming no position): what the noisy latent itself gives away.
 
     The true pictures' shapes are ``"true_shift"`` apart (about 6 cells)."""
-    import kolors_course.models.tiny as T
-    from diffsynth.prompters import KolorsPrompter
-
-    from kolors_course.world.train_unet import encode_captions, kolors_scheduler
-    from kolors_course.world.train_vae import images_to_tensor, target_latents
-
     scene_list = [s for s in W.sample_scenes(8 * n, seed=seed) if s.position != "中间"][:n]
-    x0 = target_latents(images_to_tensor([W.render(s, seed=seed * 1000 + i) for i, s in enumerate(scene_list)]),
-                        stats)
+    x0 = _held_out_latents(scene_list, stats, seed)
     right = torch.tensor([s.position == "右边" for s in scene_list])
     base = [f"{s.background}背景上的一个{s.size}{s.colour}{s.shape}" for s in scene_list]
     caps = {"none": base, "左边": [b + "，在左边" for b in base], "右边": [b + "，在右边" for b in base]}
-    prompter = KolorsPrompter()
-    prompter.fetch_models(T.text_encoder_module(weights))
-    index, hidden, pooled = encode_captions(prompter, [c for cs in caps.values() for c in cs], log=None)
-    alphas = torch.tensor(kolors_scheduler().alphas_cumprod)
-    side = x0.shape[-1] * 8
-    time_ids = torch.tensor([side, side, 0, 0, side, side]).repeat(len(scene_list))
+    index, hidden, pooled = _encoded([c for cs in caps.values() for c in cs], weights)
     true_x = _centroid_x(x0)
     out = {"true_shift": round(float(true_x[right].mean() - true_x[~right].mean()), 2)}
     for t in timesteps:
-        a = alphas[t]
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t))
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        noisy, a = _noised(x0, t, seed + t)
         xs = {}
         for kind, cs in caps.items():
             rows = [index[c] for c in cs]
-            eps = unet(noisy, timestep=torch.full((len(rows),), t), encoder_hidden_states=hidden[rows].float(),
-                       add_text_embeds=pooled[rows], add_time_id=time_ids)
-            xs[kind] = _centroid_x((noisy - (1 - a).sqrt() * eps) / a.sqrt())
+            xs[kind] = _centroid_x(_clean_prediction(unet, noisy, a, t, hidden[rows], pooled[rows]))
         out[t] = {"word_shift": round(float((xs["右边"] - xs["左边"]).mean()), 2),
                   "latent_shift": round(float(xs["none"][right].mean() - xs["none"][~right].mean()), 2)}
     return out
@@ -155,6 +166,8 @@ def attention_by_token(unet, prompter, caption: str, timestep: int = 900, seed: 
     caption to 256 tokens, and the padding's states are the same whatever the caption says, so
     attention spent there reads nothing.  Uniform attention would give each token 1/256 (0.004).
     """
+    from kolors_course.world.train_unet import CaptionEncoder
+
     caught = {}
 
     def keep(name):
@@ -167,7 +180,7 @@ def attention_by_token(unet, prompter, caption: str, timestep: int = 900, seed: 
     handles += [m.to_k.register_forward_hook(keep((n, "k"))) for n, m in layers.items()]
     try:
         tok = prompter.tokenizer(prompter.process_prompt(caption, positive=True), padding="max_length",
-                                 max_length=256, truncation=True)
+                                 max_length=CaptionEncoder.MAX_LENGTH, truncation=True)
         add_emb, emb = prompter.encode_prompt(caption, clip_skip=1, clip_skip_2=2, positive=True, device="cpu")
         noise = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed))
         side = size * 8
@@ -191,39 +204,27 @@ def attention_by_token(unet, prompter, caption: str, timestep: int = 900, seed: 
 
 
 @torch.no_grad()
-def shape_recovery(unet, decoder, prompter, stats, n: int = 48, seed: int = 9, timesteps=(200, 400)) -> dict:
+def shape_recovery(pipe, stats, n: int = 48, seed: int = 9, timesteps=(200, 400)) -> dict:
     """Can the UNet keep a shape it can see?  Big shapes of held-out scenes, noised at each timestep;
-    the UNet's predicted clean latent (under the scene's own prompt) is decoded and the judge reads
-    the shape back.  ``"round_trip"`` is the same for the target latents themselves (what the
-    latent space and the VAE's decoder keep: the ceiling).  Shares of ``n`` scenes, in [0, 1]."""
-    from PIL import Image
-
+    the pipeline's UNet predicts the clean latent (under the scene's own prompt, through the
+    pipeline's prompter), the pipeline decodes it and the judge reads the shape back.
+    ``"round_trip"`` is the same for the target latents themselves (what the latent space and the
+    VAE's decoder keep: the ceiling).  Shares of ``n`` scenes, in [0, 1]."""
+    from kolors_course.generation.diffusion import decode
     from kolors_course.world import judge as J
-    from kolors_course.world.train_unet import encode_captions, kolors_scheduler
-    from kolors_course.world.train_vae import images_to_tensor, target_latents
 
     scene_list = [s for s in W.sample_scenes(10 * n, seed=seed) if s.size == "大的"][:n]
-    x0 = target_latents(images_to_tensor([W.render(s, seed=seed * 1000 + i) for i, s in enumerate(scene_list)]),
-                        stats)
+    x0 = _held_out_latents(scene_list, stats, seed)
     captions = [W.prompt_for(s) for s in scene_list]
-    index, hidden, pooled = encode_captions(prompter, captions, log=None)
+    index, hidden, pooled = _encoded(captions, prompter=pipe.prompter)
     rows = [index[c] for c in captions]
-    side = x0.shape[-1] * 8
-    time_ids = torch.tensor([side, side, 0, 0, side, side]).repeat(len(rows))
-    alphas = torch.tensor(kolors_scheduler().alphas_cumprod)
-    dtype = next(decoder.parameters()).dtype
 
     def shapes_kept(latents):
-        pixels = decoder(latents.to(dtype)).float().clamp(-1, 1)
-        images = [Image.fromarray(((p + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for p in pixels]
-        return sum(J.judge(im, with_style=False).shape == s.shape for im, s in zip(images, scene_list)) / len(rows)
+        return sum(J.judge(decode(pipe, latents[i:i + 1]), with_style=False).shape == s.shape
+                   for i, s in enumerate(scene_list)) / len(scene_list)
 
     out = {"round_trip": round(shapes_kept(x0), 3)}
-    udtype = next(unet.parameters()).dtype
     for t in timesteps:
-        a = alphas[t]
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t))
-        eps = unet(noisy.to(udtype), timestep=torch.full((len(rows),), t), encoder_hidden_states=hidden[rows].to(udtype),
-                   add_text_embeds=pooled[rows].to(udtype), add_time_id=time_ids).float()
-        out[t] = round(shapes_kept((noisy - (1 - a).sqrt() * eps) / a.sqrt()), 3)
+        noisy, a = _noised(x0, t, seed + t)
+        out[t] = round(shapes_kept(_clean_prediction(pipe.unet, noisy, a, t, hidden[rows], pooled[rows])), 3)
     return out
