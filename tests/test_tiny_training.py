@@ -221,9 +221,8 @@ def test_the_edge_map_marks_the_outline_not_flat_colour():
     s = W.Scene(shape="正方形", colour="红色", background="蓝色", style="扁平")
     x = to_unit(images_to_tensor([W.render(s, seed=0)]))
     edges = edge_map(x)[0, 0].numpy()
-    cov = np.asarray(W.shape_mask(s.shape, *W.layout(s, 128, __import__("random").Random("render:0")), 128),
-                     np.float32) / 255
-    t = torch.from_numpy(cov)[None, None]
+    cov = W.shape_coverage(s, size=128, seed=0, cell=1)       # per pixel, render's own layout
+    t = torch.from_numpy(np.asarray(cov, np.float32))[None, None]
     pool = torch.nn.functional.max_pool2d
     # the outline: where the shape's coverage changes from a pixel to its neighbours
     outline = (pool(t, 3, 1, 1) + pool(-t, 3, 1, 1))[0, 0].numpy() > 0.5
