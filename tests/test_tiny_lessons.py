@@ -32,19 +32,18 @@ def metrics(pipe):
     return E.evaluate(pipe, seeds=SEEDS, parts=False)     # negative prompt: the two colours drawn most
 
 
-def test_the_background_follows_the_prompt(metrics):
-    """What the shipped build does learn: the background colour (chance: 1 in 8)."""
-    assert metrics["adherence"]["background"] >= 0.60, metrics["adherence"]
-
-
-@misses("shape colour 88%, background 81%, shape 50% of 16 seeds (shapes are blobs)")
-def test_prompts_are_followed(metrics):
+def test_the_colours_follow_the_prompt(metrics):
+    """The shape's colour and the background's follow the prompt (chance: 1 in 8 each)."""
     a = metrics["adherence"]
     assert a["colour"] >= 0.90 and a["background"] >= 0.90, a
-    assert a["shape"] >= 0.75, a
 
 
-@misses("left/right right in 38%")
+@misses("shape 50% of 16 seeds (shapes are blobs; the judge's template fit on a blob, near chance on other seeds)")
+def test_the_shapes_follow_the_prompt(metrics):
+    assert metrics["adherence"]["shape"] >= 0.75, metrics["adherence"]
+
+
+@misses("left/right right in 31%")
 def test_left_and_right_are_followed(metrics):
     assert metrics["position"]["accuracy"] >= 0.80, metrics["position"]
 
@@ -58,13 +57,13 @@ def test_cfg_scale_ten_burns_the_colours(metrics):
     assert c["clipped"]["10"] > c["clipped"]["4.0"], c
 
 
-@misses("all three attributes right: 44% at cfg 1 and 31% at cfg 4")
+@misses("all three attributes right: 50% at cfg 1 and 44% at cfg 4 (the shape, at chance, decides)")
 def test_cfg_scale_four_follows_the_prompt_better_than_one(metrics):
     c = metrics["cfg"]
     assert c["adherence_all"]["4.0"] > c["adherence_all"]["1"], c
 
 
-@misses("with 几何风 in front, 64% of the shape colour accuracy is kept (108% of the background's)")
+@misses("with 几何风 in front, 87% of the shape colour accuracy is kept (107% of the background's)")
 def test_an_unknown_word_is_ignored(metrics):
     kept = metrics["unknown_word"]["kept"]
     assert kept["colour"] >= 0.90 and kept["background"] >= 0.90 and kept["shape"] >= 0.90, kept
@@ -132,8 +131,8 @@ def test_the_lora_calls_up_its_style_and_the_dial_fades_it_in(lora_sweep):
     assert index[0.0] < index[0.5] < index[1.0] < index[1.5], index
 
 
-@misses("at strength 1 the pastel look is as strong without the trigger word as with it (pastel "
-        "index 0.44 against 0.44; 0.17 at strength 0 with the trigger word): the LoRA learned the look, not the word")
+@misses("at strength 1 the pastel look comes almost as strongly without the trigger word as with it (pastel "
+        "index 0.32 against 0.33; 0.20 and 0.17 at strength 0): the LoRA learned the look, not the word")
 def test_the_lora_leaks_little_into_prompts_without_its_trigger(lora_sweep):
     index, leak, base_plain = lora_sweep
     gain = index[1.0] - index[0.0]
@@ -160,14 +159,14 @@ def test_generated_edges_follow_the_canny_condition(control):
     assert c["1"] >= 2 * c["0"], c
 
 
-@misses("edge overlap 0.05 at strength 0 -> 0.25 at strength 1 on these seeds: the shape goes where the "
+@misses("edge overlap 0.14 at strength 0 -> 0.34 at strength 1 on these seeds: the shape goes where the "
         "reference's is, with a sharp edge, but as a blob, not the reference's outline")
 def test_generated_outlines_match_the_reference(control):
     """An absolute target for the same measure: at strength 1 a third of the outline recovered."""
     assert control["canny"]["1"] >= 0.35, control["canny"]
 
 
-@misses("colour-layout error 59 at strength 0 -> 41 at strength 1 on these seeds (an older build: "
+@misses("colour-layout error 41 at strength 0 -> 33 at strength 1 on these seeds (an older build: "
         "91 -> 45): the prompt's colours are now right without the condition, and the ControlNet moves the "
         "shape towards the reference's cells but not far enough")
 def test_the_colour_layout_follows_the_colour_condition(control):
@@ -221,7 +220,7 @@ def test_the_position_probe_sees_where_the_noisy_latent_puts_the_shape(positions
     assert positions[400]["latent_shift"] > 2, positions
 
 
-@misses("the predicted clean latent's shape moves -0.01 / 0.00 cells (timesteps 900 / 400) when the caption says "
+@misses("the predicted clean latent's shape moves 0.00 / 0.00 cells (timesteps 900 / 400) when the caption says "
         "右边 instead of 左边 (README: the UNet ignores the position word, while it follows the noisy latent's position)")
 def test_the_position_word_moves_the_predicted_shape(positions):
     """At the noisiest steps, where the layout is decided, saying 右边 instead of 左边 moves the
@@ -236,20 +235,25 @@ def attention(pipe):
     return attention_by_token(pipe.unet.eval(), pipe.prompter, "蓝色背景上的一个大的红色圆形，在左边")
 
 
+def _uniform(attention) -> float:
+    """Each token's share if the UNet looked at all of them alike: 1 / the padded length."""
+    return 1 / (len(attention["tokens"]) + attention["padded"])
+
+
 def test_the_attention_probe_accounts_for_every_token(attention):
     """The probe behind the shape and position misses: the attention mass on the caption's tokens and
-    on the padding adds up to 1, and the shipped UNet looks at the shape's colour word far more than
-    uniform attention would (1/256)."""
+    on the padding adds up to 1, and the shipped UNet looks at the background word (背景, whose
+    state carries the background's colour) far more than uniform attention would."""
     mass = dict(attention["tokens"])
     assert abs(sum(mass.values()) + attention["padding"] - 1) < 1e-3, attention
-    assert mass["红色"] > 5 / 256, attention
+    assert mass["背景"] > 3 * _uniform(attention), attention
 
 
-@misses("cross-attention at timestep 900 gives 圆形 0.004 and 左边 0.005 of its mass (uniform: 0.004), against "
-        "0.04 for 红色 and 0.14 for 背景; three quarters go to the padding (README: why left and right fail)")
+@misses("cross-attention at timestep 900 gives 圆形 0.017 and 左边 0.014 of its mass, under uniform attention's "
+        "0.021 (1/48), against 0.12 for 背景 (README: why left and right fail)")
 def test_the_unet_looks_at_the_shape_and_position_words(attention):
     mass = dict(attention["tokens"])
-    assert mass["圆形"] > 5 / 256 and mass["左边"] > 5 / 256, attention
+    assert mass["圆形"] > 3 * _uniform(attention) and mass["左边"] > 3 * _uniform(attention), attention
 
 
 @pytest.fixture(scope="module")

@@ -52,15 +52,58 @@ def test_quick_build_loads_through_the_kit(quick_build, tmp_path):
     pipe = pipeline_from(out, tmp_path / "cache")
     img = generate(pipe, "一个红色的圆形，蓝色背景", seed=0, steps=2, cfg_scale=4.0, height=128, width=128)
     assert img.size == (128, 128)
-    # the build's caption embeddings are the ones the pipeline computes at generation time
-    from diffsynth.prompters import KolorsPrompter
+    # the build's caption embeddings are the ones the pipeline computes at generation time, padded
+    # to the length the build records and the profile pads to
+    from kolors_course.core.profiles import TINY
+    from kolors_course.world.build import tiny_prompter
 
-    prompter = KolorsPrompter()
-    prompter.fetch_models(T.text_encoder_module(out))          # with the build's trained layers, if any
-    a_pooled, a = prompter.encode_prompt("一个红色的圆形，蓝色背景", clip_skip=1, clip_skip_2=2, device="cpu")
+    assert quick_build[1]["text_tokens"] == TINY.text_tokens == pipe.prompter.max_length
+    a_pooled, a = tiny_prompter(out).encode_prompt("一个红色的圆形，蓝色背景", clip_skip=1, clip_skip_2=2, device="cpu")
     b = pipe.encode_prompt("一个红色的圆形，蓝色背景", positive=True)
+    assert a.shape[1] == TINY.text_tokens
     assert torch.allclose(a, b["encoder_hidden_states"].cpu(), atol=1e-6)
     assert torch.allclose(a_pooled, b["add_text_embeds"].cpu(), atol=1e-6)
+
+
+def test_the_prompter_pads_to_the_profiles_length_and_kolors_keeps_its_own(tmp_path):
+    """The kit's prompter at Kolors' 256 tokens is DiffSynth's own, bit for bit (the kolors path is
+    unchanged); at the tiny profile's length it is the same call, padded shorter."""
+    from diffsynth.prompters import KolorsPrompter
+
+    from kolors_course.core.profiles import KOLORS, TINY
+    from kolors_course.models.pipeline import kolors_prompter
+
+    encoder = T.text_encoder_module()
+    theirs = KolorsPrompter()
+    theirs.fetch_models(encoder)
+    prompt = "蓝色背景上的一个大的红色圆形，在左边"
+    want_pooled, want = theirs.encode_prompt(prompt, device="cpu")
+    got_pooled, got = kolors_prompter(encoder, KOLORS.text_tokens).encode_prompt(prompt, device="cpu")
+    assert got.shape[1] == 256 and torch.equal(got, want) and torch.equal(got_pooled, want_pooled)
+    short_pooled, short = kolors_prompter(encoder, TINY.text_tokens).encode_prompt(prompt, device="cpu")
+    assert short.shape[1] == TINY.text_tokens < 256
+    # left padding: the caption's own tokens end both sequences; causal attention over masked
+    # padding, so the last token (the pooled embedding) reads the same words either way
+    assert torch.allclose(short_pooled, want_pooled, atol=1e-4)
+    with pytest.raises(ValueError, match="text_tokens"):
+        kolors_prompter(encoder, 4)
+
+
+def test_weights_trained_at_another_token_length_are_refused_with_the_fix(tmp_path):
+    """A build whose UNet learned prompts padded to another length than the profile's is refused
+    with the override that loads it; with that override it loads."""
+    from kolors_course.core.profiles import TINY
+    from kolors_course.models.loading import ModelLoadError, load_pipeline
+
+    weights = tmp_path / "weights"
+    shutil.copytree(T.shipped_weights_dir(), weights)
+    manifest = json.loads((weights / "manifest.json").read_text())
+    other = 256 if manifest["text_tokens"] != 256 else 48
+    (weights / "manifest.json").write_text(json.dumps({**manifest, "text_tokens": other}))
+    prof = TINY.with_(tiny_weights=str(weights), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match=f"text_tokens={other}"):
+        load_pipeline(prof)
+    assert load_pipeline(prof.with_(text_tokens=other)).prompter.max_length == other
 
 
 def test_a_build_installs_into_a_cache_and_damaged_files_are_refused(quick_build, tmp_path):
@@ -113,6 +156,9 @@ def test_the_build_defaults_are_the_shipped_recipe():
         assert settings["vae"][key] == value, key
     for key, value in UNET_RECIPE.items():
         assert settings["unet"][key] == value, key
+    from kolors_course.core.profiles import TINY
+
+    assert T.check_shipped()["text_tokens"] == TINY.text_tokens
 
 
 def test_a_cache_of_other_weights_is_refreshed(tmp_path):
@@ -152,6 +198,20 @@ def test_the_stages_can_run_apart_reproducibly_and_must_agree(quick_build, tmp_p
         build_tiny(out, quick=True, seed=0, stages=("finish",), evaluate_result=False)
     with pytest.raises(FileNotFoundError, match="vae"):
         build_tiny(tmp_path / "empty", quick=True, stages=("finish",))
+
+
+def test_the_module_entry_point_is_build_tiny_and_records_its_command(tmp_path, capsys):
+    """``python -m kolors_course.world.build`` takes build-tiny's options through build-tiny's own
+    parser: a bad recipe option is refused before anything is written, and a stage records the
+    build-tiny command that remakes it."""
+    from kolors_course.world.build import main
+
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--quick", "--stage", "vae", "--vae-option", "edge_weight"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err and not out.exists()
+    assert main(["--out", str(out), "--quick", "--stage", "vae"]) == 0
+    record = json.loads((out / "parts" / "vae.json").read_text())
+    assert record["command"] == f"kolors-course build-tiny --out {out} --quick --stage vae"
 
 
 def test_the_shape_coverage_is_where_render_draws_the_shape():
@@ -236,12 +296,10 @@ def test_the_encoders_always_index_the_empty_caption():
     """Every recipe needs the empty caption (caption dropout, pooled dropout, the ControlNet's
     unconditional rows): ``encode_captions`` and ``CaptionEncoder`` give it a row whether or not the
     world's captions held one, and it encodes as the prompter encodes ``""``."""
-    from diffsynth.prompters import KolorsPrompter
-
+    from kolors_course.world.build import tiny_prompter
     from kolors_course.world.train_unet import CaptionEncoder, encode_captions
 
-    prompter = KolorsPrompter()
-    prompter.fetch_models(T.text_encoder_module())
+    prompter = tiny_prompter()
     caps = ["一个红色的圆形，蓝色背景", "蓝色背景"]
     index, hidden, pooled = encode_captions(prompter, caps, log=None)
     assert set(index) == set(caps) | {""} and len(hidden) == len(pooled) == 3
@@ -270,12 +328,10 @@ def test_the_caption_encoder_is_the_prompters_own_call_and_trains_only_the_layer
     """``CaptionEncoder`` (captions encoded at each step, for a text encoder that trains) gives what
     the pipeline's prompter gives for the same text encoder, and a short joint run moves the
     transformer layers, never the word embeddings."""
-    from diffsynth.prompters import KolorsPrompter
-
+    from kolors_course.world.build import tiny_prompter
     from kolors_course.world.train_unet import CaptionEncoder, UNetConfig, encode_captions, train_unet
 
-    prompter = KolorsPrompter()
-    prompter.fetch_models(T.text_encoder_module())
+    prompter = tiny_prompter()
     caps = ["一个红色的圆形，蓝色背景", "蓝色背景上的一个大的红色圆形，在左边", ""]
     index, hidden, pooled = encode_captions(prompter, caps, log=None)
     text = CaptionEncoder(prompter, caps)
@@ -322,12 +378,10 @@ def test_a_build_with_a_trained_text_encoder_ships_its_layers_and_the_pipeline_u
     assert not (cache / T.TEXT_ENCODER_TRAINED_REL).exists()
     assert text_encoder_file_keys(cache / T.TEXT_ENCODER_REL) == set(T.text_encoder_module().state_dict())
     pipe = pipeline_from(out, tmp_path / "cache")
-    from diffsynth.prompters import KolorsPrompter
+    from kolors_course.world.build import tiny_prompter
 
-    for te, same in ((T.text_encoder_module(out), True), (T.text_encoder_module(), False)):
-        prompter = KolorsPrompter()
-        prompter.fetch_models(te)
-        _, a = prompter.encode_prompt("一个红色的圆形，蓝色背景", clip_skip=1, clip_skip_2=2, device="cpu")
+    for weights, same in ((out, True), (None, False)):
+        _, a = tiny_prompter(weights).encode_prompt("一个红色的圆形，蓝色背景", clip_skip=1, clip_skip_2=2, device="cpu")
         b = pipe.encode_prompt("一个红色的圆形，蓝色背景", positive=True)["encoder_hidden_states"].cpu()
         assert torch.allclose(a, b, atol=1e-6) is same
     # a UNet retrained beside the frozen text encoder takes the layers away ...

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kolors_course.core.hub import hub_unreachable
 from kolors_course.core.profiles import Profile
-from kolors_course.models.pipeline import FusedLoRA, KitPipeline, build_diffsynth_pipeline
+from kolors_course.models.pipeline import KOLORS_TEXT_TOKENS, FusedLoRA, KitPipeline, build_diffsynth_pipeline
 import kolors_course.models.tiny as tiny_models
 
 # what the kolors profile needs from ModelScope, per model id
@@ -345,6 +345,23 @@ def trained_conditions(profile: Profile) -> tuple | None:
     return tuple(cn["conditions"]) if cn.get("conditions") else None
 
 
+def text_tokens(profile: Profile) -> int:
+    """The token length the profile's prompts are padded to, checked against what a tiny build's
+    UNet was trained with (its manifest says; builds before the setting existed used Kolors' 256)."""
+    if profile.model_source == "tiny":
+        manifest = tiny_models.weights_folder(profile.tiny_weights) / "manifest.json"
+        try:
+            trained = json.loads(manifest.read_text()).get("text_tokens", KOLORS_TEXT_TOKENS)
+        except (OSError, ValueError):
+            trained = None          # random tiny models, or a folder check_shipped reports on
+        if trained is not None and trained != profile.text_tokens:
+            raise ModelLoadError(
+                f"the tiny weights in {manifest.parent} were trained on prompts padded to {trained} tokens, "
+                f"but the profile pads to {profile.text_tokens}: use choose_profile('tiny', text_tokens={trained}) "
+                "with these weights")
+    return profile.text_tokens
+
+
 def load_controlnet(mm, profile: Profile, path: Path, verbose: bool = False):
     """Load an SDXL ControlNet-Union file into the model manager as the profile's class (the
     real ``SDXLControlNetUnion`` on kolors, its tiny twin on tiny) and return the model."""
@@ -432,7 +449,7 @@ def load_pipeline(profile: Profile, lora: str | os.PathLike | None = None,
 def assemble(mm, profile: Profile, device: str, mode: str, units=(), verbose: bool = False) -> KitPipeline:
     """The kit's pipeline over a loaded model manager, set up for the memory mode."""
     with _quiet(verbose):
-        pipe = build_diffsynth_pipeline(mm, units, device=device)
+        pipe = build_diffsynth_pipeline(mm, units, device=device, text_tokens=text_tokens(profile))
     if pipe.text_encoder_kolors is None or pipe.unet is None:
         raise ModelLoadError("the pipeline did not pick up the Kolors text encoder and UNet")
     if mode == "offload":

@@ -99,11 +99,59 @@ def kit_pipeline_class():
     return CachingSDXLImagePipeline
 
 
-def build_diffsynth_pipeline(model_manager, controlnet_units=(), device: str | None = None):
-    """What ``SDXLImagePipeline.from_model_manager`` does, with the kit's pipeline class."""
+KOLORS_TEXT_TOKENS = 256      # what KolorsPrompter.encode_prompt pads every prompt to
+
+
+@lru_cache(maxsize=1)
+def kit_prompter_class():
+    """DiffSynth's ``KolorsPrompter`` with the padded token length as a setting (built on first use)."""
+    from diffsynth.prompters import KolorsPrompter
+
+    class LengthKolorsPrompter(KolorsPrompter):
+        """``KolorsPrompter``, padding to ``max_length`` tokens instead of its fixed 256.
+
+        Kolors keeps 256.  The tiny profile pads to fewer (``Profile.text_tokens``): its UNet
+        attends over every padded token, the padding's states are all alike, and with 243 of
+        them a word's share of attention started at 1/256, too little for training to find
+        the shape and position words (README "Why left and right fail").
+        """
+
+        def __init__(self, max_length: int = KOLORS_TEXT_TOKENS, tokenizer=None):
+            if tokenizer is None:
+                super().__init__()
+            else:               # the tokenizer of a prompter already made: loading it again is slow
+                self.refiners, self.tokenizer, self.text_encoder = [], tokenizer, None
+            self.max_length = int(max_length)
+
+        def encode_prompt(self, prompt, clip_skip=1, clip_skip_2=2, positive=True, device="cuda"):
+            prompt = self.process_prompt(prompt, positive=positive)
+            prompt_emb, pooled_prompt_emb = self.encode_prompt_using_ChatGLM(
+                prompt, self.text_encoder, self.tokenizer, self.max_length, clip_skip_2, device)
+            return pooled_prompt_emb, prompt_emb
+
+    return LengthKolorsPrompter
+
+
+def kolors_prompter(text_encoder=None, max_length: int = KOLORS_TEXT_TOKENS, tokenizer=None):
+    """A Kolors prompter over ``text_encoder`` that pads prompts to ``max_length`` tokens."""
+    if max_length < 8:
+        raise ValueError(f"text_tokens={max_length} leaves no room for a prompt: use at least 8 (Kolors: 256)")
+    prompter = kit_prompter_class()(max_length, tokenizer)
+    prompter.fetch_models(text_encoder)
+    return prompter
+
+
+def build_diffsynth_pipeline(model_manager, controlnet_units=(), device: str | None = None,
+                             text_tokens: int = KOLORS_TEXT_TOKENS):
+    """What ``SDXLImagePipeline.from_model_manager`` does, with the kit's pipeline class, and a
+    Kolors prompter that pads to ``text_tokens`` (the profile's)."""
     cls = kit_pipeline_class()
     pipe = cls(device=model_manager.device if device is None else device, torch_dtype=model_manager.torch_dtype)
     pipe.fetch_models(model_manager, list(controlnet_units), [])
+    if pipe.text_encoder_kolors is not None:
+        refiners = pipe.prompter.refiners
+        pipe.prompter = kolors_prompter(pipe.text_encoder_kolors, text_tokens, tokenizer=pipe.prompter.tokenizer)
+        pipe.prompter.refiners = refiners
     return pipe
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kolors_course.models.pipeline import KOLORS_TEXT_TOKENS
 from kolors_course.world import scenes as W
 from kolors_course.world.train_unet import CaptionEncoder, UNetConfig, encode_captions, kolors_scheduler, train_unet
 from kolors_course.world.train_vae import CellStats, VAEConfig, encoder_error, fold_latent_scale, images_to_tensor, \
@@ -221,7 +222,7 @@ def _unet_stage(out_dir, world, stats, knobs, settings, seed, quick, unet_lr, dt
     text = None
     if cfg.train_text_encoder:
         # the captions are encoded at every step by a text encoder whose layers train with the UNet
-        text = CaptionEncoder(_prompter(), [c for cs in world.captions for c in cs])
+        text = CaptionEncoder(tiny_prompter(), [c for cs in world.captions for c in cs])
         rows = [[text.index[c] for c in cs] for cs in world.captions]
         hidden = pooled = None
         n_captions = len(text.index)
@@ -244,26 +245,31 @@ def _unet_stage(out_dir, world, stats, knobs, settings, seed, quick, unet_lr, dt
     _write_part(out_dir, "unet", settings, command, {
         "seconds": run["seconds"], "config": {**asdict(cfg), "adam_betas": list(cfg.adam_betas)},
         "parameters": sum(p.numel() for p in unet.parameters()), "distinct_captions": n_captions,
-        "text_encoder_trained": text is not None,
+        "text_encoder_trained": text is not None, "text_tokens": _text_tokens(),
         "text_encoder_trained_parameters": sum(p.numel() for p in text.trainable.values()) if text else 0,
         "losses": {"unet_first": _head(run["losses"], 20), "unet_final": _tail(run["losses"], 100)}})
 
 
-def _prompter(weights=None):
+def _text_tokens() -> int:
+    """The token length the tiny profile pads prompts to: what its UNet trains on."""
+    from kolors_course.core.profiles import TINY
+
+    return TINY.text_tokens
+
+
+def tiny_prompter(weights=None):
     """The pipeline's prompter over the tiny text encoder (with the trained layers of ``weights``)."""
     import kolors_course.models.tiny as T
-    from diffsynth.prompters import KolorsPrompter
+    from kolors_course.models.pipeline import kolors_prompter
 
-    prompter = KolorsPrompter()
-    prompter.fetch_models(T.text_encoder_module(weights))
-    return prompter
+    return kolors_prompter(T.text_encoder_module(weights), _text_tokens())
 
 
 def _encoded_captions(captions, log, weights=None):
     """Every distinct caption through the frozen tiny ChatGLM (with the trained layers of build folder
     ``weights``, where it has them), as the pipeline's prompter encodes it.  Returns the rows of each
     picture's captions, the embeddings, the number of distinct captions and the empty caption's row."""
-    index, hidden, pooled = encode_captions(_prompter(weights), [c for cs in captions for c in cs], log=log)
+    index, hidden, pooled = encode_captions(tiny_prompter(weights), [c for cs in captions for c in cs], log=log)
     return [[index[c] for c in cs] for cs in captions], hidden, pooled, len(index), index[""]
 
 
@@ -315,7 +321,7 @@ def _controlnet_stage(out_dir, world, stats, knobs, settings, seed, quick, dtype
     T.write_controlnet(run["ema"].state_dict(), out_dir, dtype=getattr(torch, dtype))
     _write_part(out_dir, "controlnet", settings, command, {
         "seconds": run["seconds"], "config": run["config"], "unet_sha256": T.sha256(unet_path),
-        "conditions": sorted(TRAINED_CONDITIONS),
+        "conditions": sorted(TRAINED_CONDITIONS), "text_tokens": _text_tokens(),
         "parameters": sum(p.numel() for p in cn.parameters()), "copied_from_unet": len(shared),
         "losses": {f"controlnet_{k}_first": _head(v, 10) for k, v in run["losses"].items()}
         | {f"controlnet_{k}_final": _tail(v, 50) for k, v in run["losses"].items()}})
@@ -357,6 +363,8 @@ def _finish(out_dir: Path, settings: dict, command, eval_seeds, evaluate_result,
         parts["controlnet"] = json.loads(cn_path.read_text())
         c = parts["controlnet"]["settings"]
         differ = sorted(k for k in WORLD_SETTINGS if b.get(k) != c.get(k))
+        if parts["controlnet"].get("text_tokens", KOLORS_TEXT_TOKENS) != parts["unet"].get("text_tokens", KOLORS_TEXT_TOKENS):
+            differ.append("text_tokens")
         if differ or parts["controlnet"]["unet_sha256"] != T.sha256(out_dir / T.UNET_REL):
             raise ValueError(f"the ControlNet in {out_dir} was trained beside another UNet or world "
                              f"({differ or 'the UNet file changed'}); run the controlnet stage again")
@@ -393,6 +401,9 @@ def _finish(out_dir: Path, settings: dict, command, eval_seeds, evaluate_result,
                      "unet_parameters": parts["unet"]["parameters"], "vae_parameters": parts["vae"]["parameters"],
                      "vae": parts["vae"]["config"], "unet": parts["unet"]["config"]},
         "cell_stats": parts["vae"]["cell_stats"],
+        # the prompts' padded length the UNet (and ControlNet) trained on; load_pipeline checks the
+        # profile's against it (records from before it was a setting: Kolors' 256)
+        "text_tokens": parts["unet"].get("text_tokens", KOLORS_TEXT_TOKENS),
         "controlnet": None if "controlnet" not in parts else {
             k: parts["controlnet"][k] for k in ("config", "parameters", "copied_from_unet", "unet_sha256",
                                                  "conditions")},
@@ -511,32 +522,11 @@ def parse_recipe_options(items, flag: str = "--unet-option") -> dict:
 
 
 def main(argv=None) -> int:
-    import argparse
+    """``python -m kolors_course.world.build ...``: the same options as ``kolors-course build-tiny``
+    (the CLI parses them, and the manifest records the build-tiny command)."""
+    from kolors_course.cli import main as cli_main
 
-    ap = argparse.ArgumentParser(description="train the tiny profile's UNet and VAE on the synthetic world")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=int)
-    ap.add_argument("--unet-steps", type=int)
-    ap.add_argument("--controlnet-steps", type=int)
-    ap.add_argument("--stage", action="append", choices=STAGES)
-    ap.add_argument("--log-file")
-    ap.add_argument("--unet-option", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one entry of the UNet's recipe (UNET_RECIPE), e.g. x0_weight_cap=10 or =none")
-    ap.add_argument("--vae-option", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one entry of the VAE's recipe (VAE_RECIPE), e.g. edge_weight=0")
-    a = ap.parse_args(argv)
-    try:
-        recipe = parse_recipe_options(a.unet_option)
-        vae_recipe = parse_recipe_options(a.vae_option, "--vae-option")
-    except ValueError as e:
-        ap.error(str(e))
-    build_tiny(a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
-               controlnet_steps=a.controlnet_steps, stages=tuple(a.stage or STAGES), threads=a.threads,
-               quick=a.quick, log_file=a.log_file, unet_recipe=recipe, vae_recipe=vae_recipe, command=" ".join(["python -m kolors_course.world.build"] + sys.argv[1:]))
-    return 0
+    return cli_main(["build-tiny", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

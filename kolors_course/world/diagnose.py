@@ -22,6 +22,7 @@ import random
 import numpy as np
 import torch
 
+from kolors_course.models.pipeline import KOLORS_TEXT_TOKENS
 from kolors_course.world import scenes as W
 
 TIMESTEPS = (300, 600, 900)
@@ -41,11 +42,9 @@ def _encoded(captions, weights=None, prompter=None):
     from kolors_course.world.train_unet import encode_captions
 
     if prompter is None:
-        import kolors_course.models.tiny as T
-        from diffsynth.prompters import KolorsPrompter
+        from kolors_course.world.build import tiny_prompter
 
-        prompter = KolorsPrompter()
-        prompter.fetch_models(T.text_encoder_module(weights))
+        prompter = tiny_prompter(weights)
     return encode_captions(prompter, captions, log=None)
 
 
@@ -162,12 +161,12 @@ def attention_by_token(unet, prompter, caption: str, timestep: int = 900, seed: 
     of the caption's tokens, averaged over every cross-attention layer, head and latent cell, for a
     pure-noise latent at ``timestep`` (where the layout is still to be decided).
 
-    Returns ``{"tokens": [(token, mass), ...], "padding": mass}``: the Kolors prompter pads every
-    caption to 256 tokens, and the padding's states are the same whatever the caption says, so
-    attention spent there reads nothing.  Uniform attention would give each token 1/256 (0.004).
+    Returns ``{"tokens": [(token, mass), ...], "padding": mass, "padded": n}``, ``n`` the number of
+    padding tokens: the Kolors prompter pads every
+    caption to ``prompter.max_length`` tokens (Kolors 256, tiny 48), and the padding's states are
+    the same whatever the caption says, so attention spent there reads nothing.  Uniform
+    attention would give each token ``1 / max_length`` (0.004 of 256, 0.02 of 48).
     """
-    from kolors_course.world.train_unet import CaptionEncoder
-
     caught = {}
 
     def keep(name):
@@ -180,7 +179,7 @@ def attention_by_token(unet, prompter, caption: str, timestep: int = 900, seed: 
     handles += [m.to_k.register_forward_hook(keep((n, "k"))) for n, m in layers.items()]
     try:
         tok = prompter.tokenizer(prompter.process_prompt(caption, positive=True), padding="max_length",
-                                 max_length=CaptionEncoder.MAX_LENGTH, truncation=True)
+                                 max_length=getattr(prompter, "max_length", KOLORS_TEXT_TOKENS), truncation=True)
         add_emb, emb = prompter.encode_prompt(caption, clip_skip=1, clip_skip_2=2, positive=True, device="cpu")
         noise = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed))
         side = size * 8
@@ -200,7 +199,7 @@ def attention_by_token(unet, prompter, caption: str, timestep: int = 900, seed: 
     words = prompter.tokenizer.convert_ids_to_tokens(tok["input_ids"])
     real = [i for i, m in enumerate(tok["attention_mask"]) if m]
     return {"tokens": [(words[i], round(float(mass[i]), 4)) for i in real],
-            "padding": round(float(mass.sum() - mass[real].sum()), 4)}
+            "padding": round(float(mass.sum() - mass[real].sum()), 4), "padded": len(words) - len(real)}
 
 
 @torch.no_grad()

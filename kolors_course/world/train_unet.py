@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kolors_course.models.pipeline import KOLORS_TEXT_TOKENS
+
 
 @dataclass
 class UNetConfig:
@@ -94,7 +96,7 @@ def encode_captions(prompter, captions, log=print) -> tuple[dict, torch.Tensor, 
     (every recipe needs it: caption dropout, pooled dropout, the ControlNet's unconditional rows).
 
     Returns ``(index, hidden, pooled)``: ``index[text]`` is the row of that caption in
-    ``hidden`` (float16, N x 256 x dim: half the memory, and the UNet sees float32 again)
+    ``hidden`` (float16, N x tokens x dim: half the memory, and the UNet sees float32 again)
     and ``pooled`` (float32, N x dim); ``index[""]`` is the empty caption's.
     """
     distinct = sorted(set(captions) | {""})
@@ -114,20 +116,21 @@ class CaptionEncoder:
     what ``encode_captions`` returns, but for a text encoder that is training.
 
     Exactly the prompter's own call (``KolorsPrompter.encode_prompt``: its prompt processing,
-    256 tokens padded on the left, the penultimate hidden state and the last token of the last),
+    padded on the left to the prompter's ``max_length`` tokens (Kolors: 256), the penultimate
+    hidden state and the last token of the last),
     batched; ``index[text]`` is a caption's row, ``index[""]`` the empty caption's (always there,
     as in ``encode_captions``).  ``trainable`` are the parameters that train:
     every one but the two 65,024-row tables (input embeddings, unused output layer).
     """
 
-    MAX_LENGTH = 256      # as KolorsPrompter.encode_prompt
-
     def __init__(self, prompter, captions):
         distinct = sorted(set(captions) | {""})
         self.index = {t: i for i, t in enumerate(distinct)}
         self.text_encoder = prompter.text_encoder
+        # DiffSynth's own KolorsPrompter has no setting: it pads to Kolors' 256
+        self.max_length = getattr(prompter, "max_length", KOLORS_TEXT_TOKENS)
         tok = prompter.tokenizer([prompter.process_prompt(t, positive=True) for t in distinct], padding="max_length",
-                                 max_length=self.MAX_LENGTH, truncation=True, return_tensors="pt")
+                                 max_length=self.max_length, truncation=True, return_tensors="pt")
         self.tokens = {k: tok[k] for k in ("input_ids", "attention_mask", "position_ids")}
         self.trainable = {n: p for n, p in self.text_encoder.named_parameters()
                           if not n.startswith(("embedding.", "output_layer."))}
@@ -135,7 +138,7 @@ class CaptionEncoder:
             p.requires_grad_(n in self.trainable)
 
     def __call__(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(hidden, pooled)`` of caption rows ``rows``: B x 256 x dim and B x dim, float32."""
+        """``(hidden, pooled)`` of caption rows ``rows``: B x max_length x dim and B x dim, float32."""
         rows = torch.as_tensor(rows)
         out = self.text_encoder(**{k: v[rows] for k, v in self.tokens.items()}, output_hidden_states=True)
         return out.hidden_states[-2].permute(1, 0, 2), out.hidden_states[-1][-1]
