@@ -128,8 +128,8 @@ TINY = Profile(
     height=128,
     width=128,
     steps=20,
-    # the world's captions are at most 36 tokens; padded to Kolors' 256, the padding took three
-    # quarters of the UNet's attention and the shape and place words were never read (README)
+    # the world's captions are at most 36 tokens; padded to Kolors' 256 instead, three quarters of
+    # the UNet's attention went to the padding, and its colours followed the words less often (README)
     text_tokens=48,
     train_resolution=128,
     train_offset_noise=0.3,

@@ -332,33 +332,34 @@ def ensure_controlnet(profile: Profile, download: bool = True) -> Path:
     return path
 
 
+def _tiny_manifest(profile: Profile) -> dict | None:
+    """The manifest of the tiny build the profile uses; None on kolors, or where there is none to
+    read (random tiny models, or a folder ``check_shipped`` reports on)."""
+    if profile.model_source != "tiny":
+        return None
+    try:
+        return json.loads((tiny_models.weights_folder(profile.tiny_weights) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def trained_conditions(profile: Profile) -> tuple | None:
     """The conditions a tiny build's ControlNet learned (its manifest says), None for any other
     (the real union model reads all of them)."""
-    if profile.model_source != "tiny":
-        return None
-    manifest = tiny_models.weights_folder(profile.tiny_weights) / "manifest.json"
-    try:
-        cn = json.loads(manifest.read_text()).get("controlnet") or {}
-    except (OSError, ValueError):
-        return None
+    cn = (_tiny_manifest(profile) or {}).get("controlnet") or {}
     return tuple(cn["conditions"]) if cn.get("conditions") else None
 
 
 def text_tokens(profile: Profile) -> int:
     """The token length the profile's prompts are padded to, checked against what a tiny build's
     UNet was trained with (its manifest says; builds before the setting existed used Kolors' 256)."""
-    if profile.model_source == "tiny":
-        manifest = tiny_models.weights_folder(profile.tiny_weights) / "manifest.json"
-        try:
-            trained = json.loads(manifest.read_text()).get("text_tokens", KOLORS_TEXT_TOKENS)
-        except (OSError, ValueError):
-            trained = None          # random tiny models, or a folder check_shipped reports on
-        if trained is not None and trained != profile.text_tokens:
-            raise ModelLoadError(
-                f"the tiny weights in {manifest.parent} were trained on prompts padded to {trained} tokens, "
-                f"but the profile pads to {profile.text_tokens}: use choose_profile('tiny', text_tokens={trained}) "
-                "with these weights")
+    manifest = _tiny_manifest(profile)
+    trained = None if manifest is None else manifest.get("text_tokens", KOLORS_TEXT_TOKENS)
+    if trained is not None and trained != profile.text_tokens:
+        raise ModelLoadError(
+            f"the tiny weights in {tiny_models.weights_folder(profile.tiny_weights)} were trained on prompts "
+            f"padded to {trained} tokens, but the profile pads to {profile.text_tokens}: use "
+            f"choose_profile('tiny', text_tokens={trained}) with these weights")
     return profile.text_tokens
 
 

@@ -110,17 +110,16 @@ def kit_prompter_class():
     class LengthKolorsPrompter(KolorsPrompter):
         """``KolorsPrompter``, padding to ``max_length`` tokens instead of its fixed 256.
 
-        Kolors keeps 256.  The tiny profile pads to fewer (``Profile.text_tokens``): its UNet
-        attends over every padded token, the padding's states are all alike, and with 243 of
-        them a word's share of attention started at 1/256, too little for training to find
-        the shape and position words (README "Why left and right fail").
+        Kolors keeps 256.  The tiny profile pads to fewer (``Profile.text_tokens``): its captions
+        are at most 36 tokens, and with 48 its UNet follows the colour words more often and
+        trains faster (README "The tiny world").
         """
 
-        def __init__(self, max_length: int = KOLORS_TEXT_TOKENS, tokenizer=None):
-            if tokenizer is None:
+        def __init__(self, max_length: int = KOLORS_TEXT_TOKENS, like=None):
+            if like is None:
                 super().__init__()
-            else:               # the tokenizer of a prompter already made: loading it again is slow
-                self.refiners, self.tokenizer, self.text_encoder = [], tokenizer, None
+            else:       # another prompter's tokenizer (slow to load again), refiners and extenders
+                self.__dict__.update(like.__dict__)
             self.max_length = int(max_length)
 
         def encode_prompt(self, prompt, clip_skip=1, clip_skip_2=2, positive=True, device="cuda"):
@@ -132,13 +131,19 @@ def kit_prompter_class():
     return LengthKolorsPrompter
 
 
-def kolors_prompter(text_encoder=None, max_length: int = KOLORS_TEXT_TOKENS, tokenizer=None):
-    """A Kolors prompter over ``text_encoder`` that pads prompts to ``max_length`` tokens."""
+def kolors_prompter(text_encoder=None, max_length: int = KOLORS_TEXT_TOKENS, like=None):
+    """A Kolors prompter over ``text_encoder`` that pads prompts to ``max_length`` tokens
+    (``like``: a prompter whose tokenizer, refiners and extenders it takes over)."""
     if max_length < 8:
         raise ValueError(f"text_tokens={max_length} leaves no room for a prompt: use at least 8 (Kolors: 256)")
-    prompter = kit_prompter_class()(max_length, tokenizer)
+    prompter = kit_prompter_class()(max_length, like)
     prompter.fetch_models(text_encoder)
     return prompter
+
+
+def padded_length(prompter) -> int:
+    """How many tokens ``prompter`` pads a prompt to (DiffSynth's own KolorsPrompter: Kolors' 256)."""
+    return getattr(prompter, "max_length", KOLORS_TEXT_TOKENS)
 
 
 def build_diffsynth_pipeline(model_manager, controlnet_units=(), device: str | None = None,
@@ -149,9 +154,7 @@ def build_diffsynth_pipeline(model_manager, controlnet_units=(), device: str | N
     pipe = cls(device=model_manager.device if device is None else device, torch_dtype=model_manager.torch_dtype)
     pipe.fetch_models(model_manager, list(controlnet_units), [])
     if pipe.text_encoder_kolors is not None:
-        refiners = pipe.prompter.refiners
-        pipe.prompter = kolors_prompter(pipe.text_encoder_kolors, text_tokens, tokenizer=pipe.prompter.tokenizer)
-        pipe.prompter.refiners = refiners
+        pipe.prompter = kolors_prompter(pipe.text_encoder_kolors, text_tokens, like=pipe.prompter)
     return pipe
 
 

@@ -22,7 +22,7 @@ import random
 import numpy as np
 import torch
 
-from kolors_course.models.pipeline import KOLORS_TEXT_TOKENS
+from kolors_course.models.pipeline import padded_length
 from kolors_course.world import scenes as W
 
 TIMESTEPS = (300, 600, 900)
@@ -179,7 +179,7 @@ def attention_by_token(unet, prompter, caption: str, timestep: int = 900, seed: 
     handles += [m.to_k.register_forward_hook(keep((n, "k"))) for n, m in layers.items()]
     try:
         tok = prompter.tokenizer(prompter.process_prompt(caption, positive=True), padding="max_length",
-                                 max_length=getattr(prompter, "max_length", KOLORS_TEXT_TOKENS), truncation=True)
+                                 max_length=padded_length(prompter), truncation=True)
         add_emb, emb = prompter.encode_prompt(caption, clip_skip=1, clip_skip_2=2, positive=True, device="cpu")
         noise = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed))
         side = size * 8

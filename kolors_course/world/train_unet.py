@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kolors_course.models.pipeline import KOLORS_TEXT_TOKENS
+from kolors_course.models.pipeline import padded_length
 
 
 @dataclass
@@ -127,8 +127,7 @@ class CaptionEncoder:
         distinct = sorted(set(captions) | {""})
         self.index = {t: i for i, t in enumerate(distinct)}
         self.text_encoder = prompter.text_encoder
-        # DiffSynth's own KolorsPrompter has no setting: it pads to Kolors' 256
-        self.max_length = getattr(prompter, "max_length", KOLORS_TEXT_TOKENS)
+        self.max_length = padded_length(prompter)
         tok = prompter.tokenizer([prompter.process_prompt(t, positive=True) for t in distinct], padding="max_length",
                                  max_length=self.max_length, truncation=True, return_tensors="pt")
         self.tokens = {k: tok[k] for k in ("input_ids", "attention_mask", "position_ids")}
