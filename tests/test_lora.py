@@ -350,3 +350,14 @@ def test_set_lora_scale_switches_between_two_loras_without_accumulating(tiny, da
     fused = models.load_pipeline(tiny, lora=trained.files["lora"])
     with pytest.raises(RuntimeError, match="fused at load time"):
         set_lora_scale(fused, other.files["lora"], 1.0)
+
+
+def test_strength_on_the_pipeline_that_trained_says_to_load_a_fresh_one(tiny, dataset_dir, tmp_path):
+    """train_lora(pipe=...) leaves its adapters in that UNet; set_lora_scale on it once failed with a
+    bare KeyError on a weight name."""
+    from kolors_course.lora.strength import set_lora_scale
+
+    pipe = models.load_pipeline(tiny)
+    res = train_lora(tiny, dataset_dir, tmp_path / "r", TrainConfig.for_profile(tiny, max_steps=2), pipe=pipe)
+    with pytest.raises(RuntimeError, match="load a fresh pipeline"):
+        set_lora_scale(pipe, res.files["lora"], 1.0)
