@@ -352,12 +352,36 @@ def test_set_lora_scale_switches_between_two_loras_without_accumulating(tiny, da
         set_lora_scale(fused, other.files["lora"], 1.0)
 
 
-def test_strength_on_the_pipeline_that_trained_says_to_load_a_fresh_one(tiny, dataset_dir, tmp_path):
-    """train_lora(pipe=...) leaves its adapters in that UNet; set_lora_scale on it once failed with a
-    bare KeyError on a weight name."""
+def test_train_lora_hands_a_given_pipeline_back_as_it_came(tiny, dataset_dir, tmp_path):
+    """train_lora(pipe=...) once left its peft adapters in that UNet (set_lora_scale on it then failed
+    with a bare KeyError on a renamed weight).  The pipeline now comes back as it was, after a
+    finished run and after one stopped by an error, and the strength dial works on it."""
     from kolors_course.lora.strength import set_lora_scale
 
     pipe = models.load_pipeline(tiny)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    mode, grads = pipe.unet.training, {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
+
+    def as_it_came():
+        after = pipe.unet.state_dict()
+        assert set(after) == set(before)            # no lora_A / base_layer names left
+        assert all(torch.equal(after[k], before[k]) for k in before)
+        assert pipe.unet.training == mode
+        assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == grads
+
+    def stop(step, loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(tiny, dataset_dir, tmp_path / "stopped", TrainConfig.for_profile(tiny, max_steps=3),
+                   pipe=pipe, callback=stop)
+    as_it_came()
     res = train_lora(tiny, dataset_dir, tmp_path / "r", TrainConfig.for_profile(tiny, max_steps=2), pipe=pipe)
-    with pytest.raises(RuntimeError, match="load a fresh pipeline"):
-        set_lora_scale(pipe, res.files["lora"], 1.0)
+    as_it_came()
+    set_lora_scale(pipe, res.files["lora"], 1.0)
+    fused = models.load_pipeline(tiny, lora=res.files["lora"]).unet.state_dict()
+    assert all(torch.allclose(pipe.unet.state_dict()[k], fused[k], atol=1e-6) for k in fused)
+    prompt = "一个红色的圆形"
+    fresh = models.load_pipeline(tiny, lora=res.files["lora"])
+    assert np.array_equal(np.asarray(generate(pipe, prompt, seed=3, steps=4)),
+                          np.asarray(generate(fresh, prompt, seed=3, steps=4)))

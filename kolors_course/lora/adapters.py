@@ -41,6 +41,21 @@ def add_lora(unet, cfg: TrainConfig):
     return params
 
 
+def remove_lora(unet) -> int:
+    """Take the peft adapters out of the UNet again: each wrapped layer is replaced by the layer it
+    wraps, so the UNet has its own weight names back (``...to_k.weight``).  Returns how many layers
+    were unwrapped.  The adapters' values are not merged: the LoRA lives in the exported file."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [(n, m) for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, module in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        setattr(parent, child, module.get_base_layer())
+    unet.__dict__.pop("peft_config", None)      # peft's record of the adapters: a later run would warn
+    return len(wrapped)
+
+
 def lora_state(unet) -> dict:
     """The LoRA weights only, as a float32 CPU state dict (``{module}.lora_A.weight`` ...):
     peft's own view of the adapter, without its adapter-name infix."""

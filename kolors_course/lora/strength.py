@@ -26,12 +26,6 @@ def set_lora_scale(pipe, lora_path, scale: float) -> None:
         pipe.base_weights, pipe.base_weights_for = None, None
     if pipe.base_weights is None:
         modules, _ = read_lora(lora_path, pipe.unet_config_path)
-        wrapped = [m for m in modules if f"{m}.weight" not in params and f"{m}.base_layer.weight" in params]
-        if wrapped:
-            # train_lora(pipe=...) leaves its peft adapters in the UNet (they rename the weights)
-            raise RuntimeError(f"this pipeline's UNet still holds training adapters ({wrapped[0]} and "
-                               f"{len(wrapped) - 1} more): load a fresh pipeline with kc.load_pipeline(profile) "
-                               "to try LoRA strengths")
         pipe.base_weights = {f"{m}.weight": params[f"{m}.weight"].detach().clone() for m in modules}
         pipe.base_weights_for = str(lora_path)
     _restore(params, pipe.base_weights)

@@ -26,7 +26,7 @@ import torch
 from kolors_course.core.progress import progress
 from kolors_course.core.paths import project_path, relative_to_root
 from kolors_course.core.profiles import Profile
-from kolors_course.lora.adapters import add_lora, all_finite, make_optimizer
+from kolors_course.lora.adapters import add_lora, all_finite, make_optimizer, remove_lora
 from kolors_course.lora.checkpoints import (RunState, check_resumable, close_run, load_checkpoint, open_run,
                                             read_checkpoint, save_checkpoint, write_json)
 from kolors_course.lora.config import TrainConfig, TrainingError, TrainResult, config_record, resolve_precision
@@ -47,8 +47,10 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     the new one is complete.  ``reuse_finished=True`` returns a finished run with
     the same settings as it is (a notebook run again from the top does not train
     twice); otherwise a finished run is refused.  ``callback(step, loss)`` is
-    called after every step.  ``pipe``: a pipeline loaded already (its prompt pins
-    are removed again at the end).
+    called after every step.  ``pipe``: a pipeline loaded already; it is handed back
+    as it came (no adapters, no prompt pins, its models where they were, the UNet's
+    train/eval mode and trainable flags as before), on error too, so the same pipeline
+    can go on to ``kc.lora_at`` or ``kc.generate``.
     """
     from kolors_course.data.training_set import read_training_set
     from kolors_course.models.loading import load_pipeline
@@ -72,7 +74,9 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     main = accelerator.is_main_process
     if pipe is None and is_cuda(accelerator.device):
         torch.cuda.reset_peak_memory_stats()    # the peak counts the models' load
+    given = pipe is not None
     pipe = pipe or load_pipeline(profile, device=str(accelerator.device))
+    handed_back = _PipelineState(pipe) if given else None
     device = str(pipe.device)
     memory, peaks = PeakMemory(device), {}
     if main:
@@ -162,12 +166,45 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
                 files = finish_run(run.folder, unet, cfg, profile, state.losses, pipe, meta)
     finally:
         pipe.unpin_prompts()
+        if handed_back is not None:
+            handed_back.restore(accelerator)
     res = TrainResult(run.final, state.step, state.losses, files, seconds,
                       seconds / max(state.step - start_step, 1), memory.overall, state.resumed_from, samples,
                       state.fixed_loss_before, eval_after, peak_training_gb=peaks["training_loop"])
     if main:
         res.files = close_run(run, res, memory, peaks)
     return res
+
+
+class _PipelineState:
+    """What training changes on a pipeline it was given, noted before and put back after (the
+    guide's "no state left behind"): the adapters peft adds to the UNet, the forward accelerate
+    wraps for mixed precision, the UNet's mode and trainable flags, and which models left the GPU."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.training = pipe.unet.training
+        self.trainable = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
+        self.devices = {name: _device_of(getattr(pipe, name, None))
+                        for name in ("text_encoder_kolors", "vae_encoder", "vae_decoder")}
+
+    def restore(self, accelerator) -> None:
+        unet = accelerator.unwrap_model(self.pipe.unet, keep_fp32_wrapper=False)
+        remove_lora(unet)
+        unet.train(self.training)
+        for n, p in unet.named_parameters():
+            p.requires_grad_(self.trainable.get(n, False))
+        if not getattr(self.pipe, "cpu_offload", False):     # offloading moves models itself
+            for name, device in self.devices.items():
+                if device is not None:
+                    getattr(self.pipe, name).to(device)
+
+
+def _device_of(module):
+    if module is None:
+        return None
+    p = next(module.parameters(), None)
+    return None if p is None else p.device
 
 
 def make_accelerator(profile: Profile, cfg: TrainConfig):
