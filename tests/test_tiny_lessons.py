@@ -139,6 +139,25 @@ def test_the_lora_leaks_little_into_prompts_without_its_trigger(lora_sweep):
     assert leak - base_plain < 0.5 * gain, (leak, base_plain, index)
 
 
+def test_the_story_draws_its_character_in_each_place(pipe, tmp_path):
+    """Notebook 04's tiny story, as its base images are made (the trigger word first, the story's
+    own negative prompt): the red star on the asked background.  With 黑色 as the story's negative
+    prompt the star came out orange or purple in most scenes (the story file says why)."""
+    from kolors_course.core.profiles import choose_profile
+    from kolors_course.story.stories import generate_story, generation_settings, load_story
+    from kolors_course.world.judge import judge
+
+    prof = choose_profile("tiny")
+    story = load_story(prof.story).with_trigger([prof.trigger_word])
+    records = generate_story(pipe, story, generation_settings(story, prof), tmp_path)
+    verdicts = [judge(r["image"]) for r in records]
+    places = [sc.place.removesuffix("背景") for sc in story.scenes]
+    assert [v.background for v in verdicts] == places
+    # the blue scenes' blurred red star reads as purple to the judge (red and blue mixed at its edge)
+    red = [v.colour == "红色" for v in verdicts]
+    assert sum(red) >= 6, [v.colour for v in verdicts]
+
+
 # --- notebook 05: reference-image control on the tiny ControlNet-Union ------------------------------
 CONTROL_SEEDS = range(300, 308)    # not the seeds the build's own evaluation used
 
