@@ -126,7 +126,7 @@ def write_gallery(records: list, story, scores, lora_info: dict, path: Path, pro
 <body data-images-expected="{n_images}">
 <h1>{e(story.title)}</h1>
 <p><b>style</b>: {e(story.style)}<br><b>character</b>: {e(story.character)}<br>
-<b>negative prompt</b>: {e(story.negative)}<br><b>profile</b>: {e(profile_name)}<br>
+<b>negative prompt</b>: {e(story.negative or "(none)")}<br><b>profile</b>: {e(profile_name)}<br>
 <b>trigger word</b>: {e(getattr(story, "trigger", "") or "(none)")}<br>
 <b>images</b>: {e(layout)}</p>
 <p><b>mean aesthetic score</b>: {scores.mean:.3f} ({'valid' if scores.valid else 'below'} the challenge's bar of {scores.threshold})</p>
@@ -225,7 +225,7 @@ def upload_text(bundle: Path, team: str, story, records: list, scores, lora_meta
              f"故事 (story): {story.title}",
              f"设置 (settings): {settings['width']}x{settings['height']}, {settings['steps']} steps, "
              f"cfg_scale {settings['cfg_scale']}, LoRA scale {settings['lora_scale']}",
-             f"负面提示词 (negative prompt): {story.negative}",
+             f"负面提示词 (negative prompt): {story.negative or '无 (none)'}",
              f"美学评分 (aesthetic score): {scores.mean:.3f} ({verdict} the bar of {scores.threshold:g})"
              + ("" if scores.meaningful else " [tiny profile: stand-in scorer]"),
              "", "8 张图的提示词 (the 8 prompts):"]
