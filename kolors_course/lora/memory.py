@@ -93,3 +93,10 @@ def training_placement(pipe, cfg: TrainConfig) -> None:
     pipe.text_encoder_kolors.to("cpu")
     if cfg.cache_latents:
         pipe.vae_encoder.to("cpu")
+
+
+def undo_training_placement(pipe, cfg: TrainConfig) -> None:
+    """Put back what ``training_placement`` took off the GPU (the offload mode moves its models
+    itself at every call, so there is nothing to undo there)."""
+    if not pipe.cpu_offload:
+        pipe.models_to_device(["text_encoder_kolors"] + (["vae_encoder"] if cfg.cache_latents else []))

@@ -32,7 +32,7 @@ from kolors_course.lora.checkpoints import (RunState, check_resumable, close_run
 from kolors_course.lora.config import TrainConfig, TrainingError, TrainResult, config_record, resolve_precision
 from kolors_course.lora.data import SampleStream, check_data, dataset_fingerprint, prepare_data
 from kolors_course.lora.losses import batch_loss, fixed_set_loss
-from kolors_course.lora.memory import PeakMemory, is_cuda, preflight, training_placement
+from kolors_course.lora.memory import PeakMemory, is_cuda, preflight, training_placement, undo_training_placement
 from kolors_course.lora.validation import finish_run, lora_file_metadata, validation_images
 
 
@@ -74,9 +74,8 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     main = accelerator.is_main_process
     if pipe is None and is_cuda(accelerator.device):
         torch.cuda.reset_peak_memory_stats()    # the peak counts the models' load
-    given = pipe is not None
+    handed_back = _PipelineState(pipe) if pipe is not None else None
     pipe = pipe or load_pipeline(profile, device=str(accelerator.device))
-    handed_back = _PipelineState(pipe) if given else None
     device = str(pipe.device)
     memory, peaks = PeakMemory(device), {}
     if main:
@@ -167,7 +166,7 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     finally:
         pipe.unpin_prompts()
         if handed_back is not None:
-            handed_back.restore(accelerator)
+            handed_back.restore(accelerator, cfg)
     res = TrainResult(run.final, state.step, state.losses, files, seconds,
                       seconds / max(state.step - start_step, 1), memory.overall, state.resumed_from, samples,
                       state.fixed_loss_before, eval_after, peak_training_gb=peaks["training_loop"])
@@ -179,32 +178,22 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
 class _PipelineState:
     """What training changes on a pipeline it was given, noted before and put back after (the
     guide's "no state left behind"): the adapters peft adds to the UNet, the forward accelerate
-    wraps for mixed precision, the UNet's mode and trainable flags, and which models left the GPU."""
+    wraps for mixed precision, the UNet's mode and trainable flags, and the models
+    ``training_placement`` took off the GPU."""
 
     def __init__(self, pipe):
         self.pipe = pipe
         self.training = pipe.unet.training
         self.trainable = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
-        self.devices = {name: _device_of(getattr(pipe, name, None))
-                        for name in ("text_encoder_kolors", "vae_encoder", "vae_decoder")}
 
-    def restore(self, accelerator) -> None:
+    def restore(self, accelerator, cfg: TrainConfig) -> None:
         unet = accelerator.unwrap_model(self.pipe.unet, keep_fp32_wrapper=False)
         remove_lora(unet)
         unet.train(self.training)
         for n, p in unet.named_parameters():
             p.requires_grad_(self.trainable.get(n, False))
-        if not getattr(self.pipe, "cpu_offload", False):     # offloading moves models itself
-            for name, device in self.devices.items():
-                if device is not None:
-                    getattr(self.pipe, name).to(device)
-
-
-def _device_of(module):
-    if module is None:
-        return None
-    p = next(module.parameters(), None)
-    return None if p is None else p.device
+        if is_cuda(self.pipe.device):
+            undo_training_placement(self.pipe, cfg)
 
 
 def make_accelerator(profile: Profile, cfg: TrainConfig):
