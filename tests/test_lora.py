@@ -255,6 +255,63 @@ def test_parameter_counts_match_the_adapters_training_creates(tiny, tiny_pipe):
     assert total == sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
 
 
+def test_adapters_off_gives_the_base_models_prediction(tiny):
+    """The preservation loss's target is the UNet with its adapters switched off: exactly the base
+    model's prediction, with adapters that have moved away from zero; switched on again afterwards,
+    on error too."""
+    from kolors_course.lora.adapters import adapters_off, add_lora
+    from kolors_course.models.loading import load_pipeline
+
+    pipe = load_pipeline(tiny)
+    unet = pipe.unet.eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor(500)
+    with torch.no_grad():
+        text = pipe.encode_prompt("一个红色的圆形", positive=True)
+
+    def predict():
+        with torch.no_grad():
+            return unet(x, timestep=t, add_time_id=torch.tensor([64, 64, 0, 0, 64, 64]), **text)
+
+    base = predict()
+    params = add_lora(unet, TrainConfig.for_profile(tiny, rank=4))
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    adapted = predict()
+    assert (adapted - base).abs().max() > 1e-3
+    with adapters_off(unet):
+        assert torch.allclose(predict(), base, atol=1e-6)
+    with pytest.raises(RuntimeError), adapters_off(unet):
+        raise RuntimeError("stop")
+    assert torch.allclose(predict(), adapted) and all(p.requires_grad for p in params)
+
+
+def test_preserve_weight_needs_a_trigger_word_and_follows_the_profile(tiny):
+    """Preservation keeps the base model for the captions without the trigger word, so it needs one:
+    the profile's weight applies with a trigger word, none without, and an explicit weight without
+    one is refused with a message.  Changing the trigger words changes its loss: no resume then."""
+    from kolors_course.lora.config import changed_settings, config_record
+
+    assert tiny.lora_preserve_weight > 0
+    assert TrainConfig.for_profile(tiny).preserve_weight == 0
+    cfg = TrainConfig.for_profile(tiny, trigger_words="几何风")
+    assert cfg.preserve_weight == tiny.lora_preserve_weight
+    with pytest.raises(TrainingError, match="needs trigger_words"):
+        TrainConfig.for_profile(tiny, preserve_weight=1.0).validate()
+    with pytest.raises(TrainingError, match="preserve_weight"):
+        TrainConfig.for_profile(tiny, trigger_words="几何风", preserve_weight=-1).validate()
+    saved = config_record(cfg)
+    other = TrainConfig.for_profile(tiny, trigger_words="别的风")
+    assert any(c.startswith("trigger_words") for c in changed_settings(saved, other))
+    plain_saved = config_record(TrainConfig.for_profile(tiny))
+    assert not changed_settings(plain_saved, TrainConfig.for_profile(tiny, validation_seeds=(3,)))
+    # a checkpoint from before the setting existed counts as preserve_weight=0
+    old = {k: v for k, v in plain_saved.items() if k != "preserve_weight"}
+    assert not changed_settings(old, TrainConfig.for_profile(tiny))
+    assert changed_settings(old, cfg)
+
+
 def test_target_modules_name_layers_as_peft_does(tiny):
     """A target is matched by the end of a layer's dotted name, as peft matches it: "attn2.to_k"
     puts adapters on the cross-attention's key projections only, the counts of notebook 03 agree,

@@ -131,9 +131,11 @@ def test_the_lora_calls_up_its_style_and_the_dial_fades_it_in(lora_sweep):
     assert index[0.0] < index[0.5] < index[1.0] < index[1.5], index
 
 
-@misses("at strength 1 the pastel look comes almost as strongly without the trigger word as with it (pastel "
-        "index 0.32 against 0.33; 0.20 and 0.17 at strength 0): the LoRA learned the look, not the word")
 def test_the_lora_leaks_little_into_prompts_without_its_trigger(lora_sweep):
+    """The look belongs to the trigger word: without it, at strength 1, the pictures rise towards
+    pastel by less than half as much as with it.  Notebook 02's captions all hold the word, so a
+    plain LoRA learns the look whatever the prompt (it rose 0.93-0.96 times as much without the
+    word); the tiny profile trains with differential output preservation (``preserve_weight``)."""
     index, leak, base_plain = lora_sweep
     gain = index[1.0] - index[0.0]
     assert leak - base_plain < 0.5 * gain, (leak, base_plain, index)

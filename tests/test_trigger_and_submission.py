@@ -24,6 +24,16 @@ def test_with_trigger_puts_the_word_first_once():
     assert trigger.words('["二次元风"]') == ["二次元风"]
 
 
+def test_without_trigger_takes_the_word_and_its_separator_out():
+    """The captions the LoRA's preservation loss reads: the inverse of with_trigger."""
+    for prompt in ("一个红色的圆形，蓝色背景", "a red circle", ""):
+        for words in ("几何风", ["geo", "几何风"]):
+            assert trigger.without_trigger(trigger.with_trigger(prompt, words), words) == prompt
+    assert trigger.without_trigger("蓝色背景，几何风，一个圆形", "几何风") == "蓝色背景，一个圆形"
+    assert trigger.without_trigger("a cat, a dog", "a") == "cat, dog"      # a Latin word only whole
+    assert trigger.without_trigger("一个圆形", None) == "一个圆形"
+
+
 def test_choosing_the_trigger_word(tmp_path, capsys):
     assert trigger.choose_trigger_word(KOLORS) == "二次元风"
     assert "kolors profile's default" in capsys.readouterr().out

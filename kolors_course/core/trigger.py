@@ -47,6 +47,18 @@ def with_trigger(prompt: str, trigger) -> str:
     return sep.join(missing + ([prompt] if prompt.strip() else []))
 
 
+def without_trigger(prompt: str, trigger) -> str:
+    """``prompt`` with the trigger word(s) taken out, with the separator that joined each to the
+    rest: the inverse of ``with_trigger`` ("几何风，一个红色的圆形" -> "一个红色的圆形")."""
+    import re
+
+    for w in words(trigger):
+        # a Latin word only as a whole word ("a" is not taken out of "cat"); Chinese has no spaces
+        edge = (r"(?<![A-Za-z0-9_])", r"(?![A-Za-z0-9_])") if w.isascii() else ("", "")
+        prompt = re.sub(edge[0] + re.escape(w) + edge[1] + r"[\s，,、;；]*", "", prompt)
+    return re.sub(r"[\s，,、;；]+$", "", prompt).strip()
+
+
 def recorded_trigger_word(dataset_dir: str | os.PathLike) -> str | None:
     """The trigger word a data set built by notebook 02 was captioned with (None: not recorded)."""
     from kolors_course.data.training_set import MARKER

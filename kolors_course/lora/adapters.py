@@ -2,6 +2,7 @@
 through peft's own state-dict calls, and the optimizer that trains them."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 
 import torch
 
@@ -54,6 +55,22 @@ def remove_lora(unet) -> int:
         setattr(parent, child, module.get_base_layer())
     unet.__dict__.pop("peft_config", None)      # peft's record of the adapters: a later run would warn
     return len(wrapped)
+
+
+@contextmanager
+def adapters_off(unet):
+    """The UNet as it was before its adapters: peft's own switch on each adapted layer, turned back
+    on afterwards (on error too)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield unet
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
 
 
 def lora_state(unet) -> dict:

@@ -37,6 +37,13 @@ class TrainConfig:
     # kolors_course.world.train_unet.UNetConfig.offset_noise).  The tiny profile's base UNet was
     # trained with it and its LoRA is too; 0 (plain noise) is the usual choice for Kolors.
     offset_noise: float = 0.0
+    # Differential output preservation (ai-toolkit's "DOP"): every step also shows the UNet the
+    # batch's captions with the trigger words taken out, on the same noisy latents, and pays at
+    # this weight for any difference from what the base model (adapters off) predicts there.
+    # Every training caption holds the trigger word, so without it nothing tells the LoRA that its
+    # look belongs to the word, and the look comes without the word too (README, "The tiny world").
+    # Costs one more forward pass with gradients and one without per step; 0: off.
+    preserve_weight: float = 0.0
     precision: str = "auto"                 # auto, fp32, fp16, bf16
     gradient_checkpointing: bool = True
     cache_latents: bool = True
@@ -101,9 +108,14 @@ class TrainConfig:
 
     @classmethod
     def for_profile(cls, profile: Profile, **overrides) -> "TrainConfig":
+        from kolors_course.core.trigger import words as trigger_words
+
         base = dict(rank=profile.lora_rank, alpha=profile.lora_alpha, learning_rate=profile.learning_rate,
                     max_steps=profile.train_steps, batch_size=profile.batch_size,
                     resolution=profile.train_resolution, offset_noise=profile.train_offset_noise,
+                    # the preservation keeps the base model for captions without the trigger word:
+                    # with no trigger word there are none, so the profile's weight applies only with one
+                    preserve_weight=profile.lora_preserve_weight if trigger_words(overrides.get("trigger_words")) else 0.0,
                     gradient_checkpointing=profile.gradient_checkpointing,
                     checkpoint_every=max(1, profile.train_steps // 5),
                     validate_every=max(1, profile.train_steps // profile.validations) if profile.validations else None)
@@ -137,6 +149,11 @@ class TrainConfig:
             problems.append(f"alpha={self.alpha!r}: use a positive number (the course uses 4.0)")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             problems.append(f"learning_rate={self.learning_rate!r}: use a small positive number such as 1e-4")
+        if not (isinstance(self.preserve_weight, (int, float)) and 0 <= self.preserve_weight < math.inf):
+            problems.append(f"preserve_weight={self.preserve_weight!r}: use 0 (off) or a positive number such as 1")
+        elif self.preserve_weight and not self.trigger_words:
+            problems.append(f"preserve_weight={self.preserve_weight}: it keeps the base model's pictures for the "
+                            "captions without the trigger word, so it needs trigger_words (or preserve_weight=0)")
         if self.resolution % 64 or self.resolution < 64:
             problems.append(f"resolution={self.resolution}: Kolors needs a multiple of 64 (1024 on kolors)")
         for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last"):
@@ -203,10 +220,14 @@ def config_record(cfg: TrainConfig) -> dict:
 
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
-    """Settings of ``cfg`` that differ from a checkpoint's and would make a resume inexact."""
+    """Settings of ``cfg`` that differ from a checkpoint's and would make a resume inexact.
+    A setting a checkpoint does not record (it is older than the setting) counts as its default."""
     now = config_record(cfg)
+    saved = {**config_record(TrainConfig()), **saved}
+    # with preserve_weight the trigger words decide the captions the preservation loss reads
+    free = [k for k in RESUMABLE_CHANGES if not (k == "trigger_words" and cfg.preserve_weight)]
     out = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
-           for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+           for k in sorted(set(saved) | set(now)) if k not in free and saved.get(k) != now.get(k)]
     if saved.get("max_steps") != now["max_steps"] and cfg.lr_scheduler in ("linear", "cosine"):
         out.append(f"max_steps: {saved.get('max_steps')} in the checkpoint, {now['max_steps']} now "
                    f"(the {cfg.lr_scheduler} learning-rate schedule is laid out over max_steps)")

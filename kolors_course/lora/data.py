@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kolors_course.core.progress import progress
+from kolors_course.core.trigger import without_trigger
 from kolors_course.lora.config import TrainConfig, TrainingError
 
 
@@ -41,8 +42,10 @@ def prepare_data(pipe, rows, cfg: TrainConfig, device: str, dtype) -> list[dict]
     out = []
     for path, text in progress(rows, desc="encoding captions and images"):
         if text not in cache:
-            emb = pipe.encode_prompt(text, positive=True)
-            cache[text] = {k: v.to("cpu") for k, v in emb.items()}
+            cache[text] = encoded(pipe, text)
+            if cfg.preserve_weight:     # the same caption without the trigger word (losses.preservation_loss)
+                plain = encoded(pipe, without_trigger(text, cfg.trigger_words))
+                cache[text].update({"plain_" + k: v for k, v in plain.items()})
         item = {"text": text, "path": path, **cache[text]}
         pixels = load_image_tensor(path, cfg.resolution, cfg.center_crop, rng)
         if cfg.cache_latents:
@@ -54,6 +57,11 @@ def prepare_data(pipe, rows, cfg: TrainConfig, device: str, dtype) -> list[dict]
     # validation prompts too, so validation images never need the text encoder back on the GPU
     pipe.pin_prompts(cfg.validation_prompts, negative_prompts=("",))
     return out
+
+
+def encoded(pipe, text: str) -> dict:
+    """The pipeline's own prompt encoding of ``text`` (token states and pooled embedding), on the CPU."""
+    return {k: v.to("cpu") for k, v in pipe.encode_prompt(text, positive=True).items()}
 
 
 class SampleStream:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from kolors_course.lora.adapters import adapters_off
 from kolors_course.lora.config import TrainConfig
 
 
@@ -41,14 +42,44 @@ def batch_loss(unet_t, data, global_idx, cfg, pipe, scheduler, gen, accelerator)
     timestep = scheduler.timesteps[tid].to(device)
     noisy = scheduler.add_noise(latents, noise, timestep)
     target = scheduler.training_target(latents, noise, timestep)
+    emb, pooled = torch.cat(emb).to(device, pipe.torch_dtype), torch.cat(pooled).to(device, pipe.torch_dtype)
+    b = latents.shape[0]
     h, w = latents.shape[2] * 8, latents.shape[3] * 8
-    add_time_id = torch.tensor([h, w, 0, 0, h, w], device=device).repeat(latents.shape[0])
+    noisy = noisy.to(pipe.torch_dtype)
+    if cfg.preserve_weight:
+        # the captions without the trigger word ride in the same forward pass (one pass with
+        # gradients: what DistributedDataParallel allows), and the base model's answer to them is
+        # the UNet's own with the adapters off
+        plain_emb = torch.cat([data[i]["plain_encoder_hidden_states"] for i in global_idx[mine]]).to(
+            device, pipe.torch_dtype)
+        plain_pooled = torch.cat([data[i]["plain_add_text_embeds"] for i in global_idx[mine]]).to(
+            device, pipe.torch_dtype)
+        base = base_prediction(accelerator, unet_t, noisy, timestep, plain_emb, plain_pooled, h, w)
+        noisy, emb, pooled = torch.cat([noisy, noisy]), torch.cat([emb, plain_emb]), torch.cat([pooled, plain_pooled])
+    add_time_id = torch.tensor([h, w, 0, 0, h, w], device=device).repeat(noisy.shape[0])
     with accelerator.autocast():
-        pred = unet_t(noisy.to(pipe.torch_dtype), timestep=timestep,
-                      encoder_hidden_states=torch.cat(emb).to(device, pipe.torch_dtype),
-                      add_text_embeds=torch.cat(pooled).to(device, pipe.torch_dtype),
+        pred = unet_t(noisy, timestep=timestep, encoder_hidden_states=emb, add_text_embeds=pooled,
                       add_time_id=add_time_id, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    return torch.nn.functional.mse_loss(pred.float(), target.float()) * scheduler.training_weight(timestep)
+    loss = torch.nn.functional.mse_loss(pred[:b].float(), target.float())
+    if cfg.preserve_weight:
+        loss = loss + cfg.preserve_weight * preservation_loss(pred[b:], base)
+    return loss * scheduler.training_weight(timestep)
+
+
+@torch.no_grad()
+def base_prediction(accelerator, unet_t, noisy, timestep, emb, pooled, h: int, w: int) -> torch.Tensor:
+    """What the base model (the UNet with its LoRA adapters off) predicts for these captions."""
+    unet = accelerator.unwrap_model(unet_t)
+    add_time_id = torch.tensor([h, w, 0, 0, h, w], device=noisy.device).repeat(noisy.shape[0])
+    with adapters_off(unet), accelerator.autocast():
+        return unet(noisy, timestep=timestep, encoder_hidden_states=emb, add_text_embeds=pooled,
+                    add_time_id=add_time_id).float()
+
+
+def preservation_loss(pred: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """How far the LoRA moves the prediction for a caption without its trigger word: the look it
+    brings there is a leak (``TrainConfig.preserve_weight``)."""
+    return torch.nn.functional.mse_loss(pred.float(), base)
 
 
 @torch.no_grad()
