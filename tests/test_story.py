@@ -121,6 +121,15 @@ def test_lora_strength_sweep(tiny, tmp_path):
     assert np.array_equal(np.asarray(generate(pipe, "猫", seed=1), dtype=int), imgs[1.0][0])
     with pytest.raises(ValueError, match="at least one strength"):
         strength_sweep(pipe, res.files["lora"], tale, 1, settings, values=[])
+    # the second row: the same scene without the trigger word (the strength-0 picture differs
+    # only by the word; a story without a trigger word gets no second row)
+    called = tale.with_trigger(["几何风"])
+    both = strength_sweep(pipe, res.files["lora"], called, 1, settings, values=(0.0, 1.5), without_trigger=True)
+    assert [label for label, _ in both] == ["strength 0.0", "strength 1.5", "no trigger, 0.0", "no trigger, 1.5"]
+    plain0 = np.asarray(both[2][1], dtype=int)
+    assert np.array_equal(plain0, np.asarray(sweep[0][1], dtype=int))    # = the story as written, base model
+    assert not np.array_equal(plain0, np.asarray(both[0][1], dtype=int))
+    assert len(strength_sweep(pipe, res.files["lora"], tale, 1, settings, values=(0.0,), without_trigger=True)) == 1
 
 
 def test_tiny_scorer_runs_the_real_classes(tiny, tiny_pipe):

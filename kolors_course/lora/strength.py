@@ -55,22 +55,33 @@ def _restore(params: dict, saved: dict) -> None:
             params[name].copy_(w)
 
 
-def strength_sweep(pipe, lora_path, story, scene: int, settings: dict, values=(0.0, 0.5, 1.0, 1.5)):
+def strength_sweep(pipe, lora_path, story, scene: int, settings: dict, values=(0.0, 0.5, 1.0, 1.5),
+                   without_trigger: bool = False):
     """One scene (1-based) at several LoRA strengths: ``[(label, image), ...]``.  The pipeline holds
-    the LoRA it held before (or none) afterwards, as after ``lora_at``."""
+    the LoRA it held before (or none) afterwards, as after ``lora_at``.
+
+    ``without_trigger=True`` (and a story with a trigger word) adds, after them, the same scene at
+    the same strengths with its prompt *without* the trigger word: what the LoRA does to a prompt
+    that does not call it (ideally nothing: the look should belong to the word)."""
+    from dataclasses import replace
+
     from kolors_course.generation.text2image import generate
 
     values = list(values)
     if not values:
         raise ValueError("strength_sweep needs at least one strength, e.g. [0.0, 0.5, 1.0, 1.5]")
     sc = story.scenes[scene - 1]
+    rows = [("strength {}", story)]
+    if without_trigger and story.trigger:
+        rows.append(("no trigger, {}", replace(story, trigger="")))
     out = []
     # one block around the loop: the previous LoRA is put back once, not after every strength
     # (on Kolors each change rewrites the UNet's attention weights)
     with lora_at(pipe, lora_path, values[0]):
-        for s in values:
-            set_lora_scale(pipe, lora_path, s)
-            out.append((f"strength {s}", generate(pipe, story.prompt(scene - 1), story.negative, seed=sc.seed,
-                                                  cfg_scale=settings["cfg_scale"], steps=settings["steps"],
-                                                  height=settings["height"], width=settings["width"])))
+        for label, tale in rows:
+            for s in values:
+                set_lora_scale(pipe, lora_path, s)
+                out.append((label.format(s), generate(pipe, tale.prompt(scene - 1), tale.negative, seed=sc.seed,
+                                                      cfg_scale=settings["cfg_scale"], steps=settings["steps"],
+                                                      height=settings["height"], width=settings["width"])))
     return out
