@@ -29,8 +29,9 @@ def dataset_dir(tmp_path_factory):
 def trained(tiny, dataset_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("run") / "r"
     cfg = TrainConfig.for_profile(tiny, max_steps=40, learning_rate=1e-2, rank=4, alpha=8.0,
-                                  validate_every=20, trigger_words=["几何风"])
+                                  validate_every=20, trigger_words=["几何风"], preserve_weight=0.0)
     # the set was built without a trigger word, so the kit warns that this one cannot be learned
+    # (with preservation on it is an error: test_trigger_and_submission)
     with pytest.warns(UserWarning, match="is in none of the .* training captions"):
         return train_lora(tiny, dataset_dir, run, cfg)
 
@@ -285,6 +286,12 @@ def test_adapters_off_gives_the_base_models_prediction(tiny):
     with pytest.raises(RuntimeError), adapters_off(unet):
         raise RuntimeError("stop")
     assert torch.allclose(predict(), adapted) and all(p.requires_grad for p in params)
+    # what it found is what it leaves: frozen adapters stay frozen
+    for p in params:
+        p.requires_grad_(False)
+    with adapters_off(unet):
+        pass
+    assert torch.allclose(predict(), adapted) and not any(p.requires_grad for p in params)
 
 
 def test_preserve_weight_needs_a_trigger_word_and_follows_the_profile(tiny):
@@ -338,6 +345,14 @@ def test_preflight_advises_on_a_small_gpu(monkeypatch):
     assert "gradient_checkpointing=True" in advice and "batch_size=1" in advice
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (23 * 2**30, 24 * 2**30))
     assert preflight(TrainConfig(), "cuda") == [], "the defaults must fit a 24 GB GPU"
+    # preservation trains on twice the batch: the estimate and the advice count it
+    from kolors_course.lora.memory import estimate_gpu_memory_gb
+    one = estimate_gpu_memory_gb(TrainConfig(batch_size=1))
+    two = estimate_gpu_memory_gb(TrainConfig(batch_size=2))
+    assert estimate_gpu_memory_gb(TrainConfig(batch_size=1, preserve_weight=2.0)) == pytest.approx(two)
+    assert two > one
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (8 * 2**30, 24 * 2**30))
+    assert "preserve_weight=0" in " ".join(preflight(TrainConfig(batch_size=1, preserve_weight=2.0, resolution=1024), "cuda"))
 
 
 # --- settings the other tests leave at their defaults ---------------------------------------
@@ -442,3 +457,19 @@ def test_train_lora_hands_a_given_pipeline_back_as_it_came(tiny, dataset_dir, tm
     fresh = models.load_pipeline(tiny, lora=res.files["lora"])
     assert np.array_equal(np.asarray(generate(pipe, prompt, seed=3, steps=4)),
                           np.asarray(generate(fresh, prompt, seed=3, steps=4)))
+
+
+def test_preservation_leaves_out_captions_without_the_trigger_word(tiny, dataset_dir, tmp_path):
+    """A caption without the trigger word is the same with it taken out: keeping the base model
+    there would fight the training on it, so preservation leaves it out, and says how many."""
+    from kolors_course.data.training_set import read_training_set
+
+    captions = [text for _, text in read_training_set(dataset_dir)]
+    word = "红色"
+    holding = sum(word in c for c in captions)
+    assert 0 < holding < len(captions), captions           # the fixture's set has both kinds
+    cfg = TrainConfig.for_profile(tiny, trigger_words=[word], max_steps=2, batch_size=2, validate_every=None)
+    assert cfg.preserve_weight > 0
+    with pytest.warns(UserWarning, match=f"{len(captions) - holding} of {len(captions)} training captions do not hold"):
+        res = train_lora(tiny, dataset_dir, tmp_path / "run", cfg)
+    assert res.steps == 2 and all(np.isfinite(res.losses))

@@ -122,12 +122,18 @@ def test_a_finished_run_is_not_reused_for_another_trigger_word(flow):
 
 
 def test_training_warns_when_the_trigger_word_is_in_no_caption(flow, tmp_path):
-    from kolors_course.lora.config import TrainConfig
+    from kolors_course.lora.config import TrainConfig, TrainingError
     from kolors_course.lora.train import train_lora
 
-    cfg = TrainConfig.for_profile(TINY, trigger_words=["不在标注里"], max_steps=1, validate_every=None)
+    cfg = TrainConfig.for_profile(TINY, trigger_words=["不在标注里"], max_steps=1, validate_every=None,
+                                  preserve_weight=0)
     with pytest.warns(UserWarning, match="in none of the"):
         train_lora(TINY, flow["ds"], tmp_path / "run", cfg)
+    # with the profile's preservation on, a word in no caption leaves it nothing to preserve: refused
+    preserving = TrainConfig.for_profile(TINY, trigger_words=["不在标注里"], max_steps=1, validate_every=None)
+    assert preserving.preserve_weight > 0
+    with pytest.raises(TrainingError, match="none of the .* captions holds them"):
+        train_lora(TINY, flow["ds"], tmp_path / "run2", preserving)
 
 
 def test_bundle_holds_the_upload_call_and_the_post(flow):

@@ -55,8 +55,8 @@ def without_trigger(prompt: str, trigger) -> str:
     for w in words(trigger):
         # a Latin word only as a whole word ("a" is not taken out of "cat"); Chinese has no spaces
         edge = (r"(?<![A-Za-z0-9_])", r"(?![A-Za-z0-9_])") if w.isascii() else ("", "")
-        prompt = re.sub(edge[0] + re.escape(w) + edge[1] + r"[\s，,、;；]*", "", prompt)
-    return re.sub(r"[\s，,、;；]+$", "", prompt).strip()
+        prompt = re.sub(edge[0] + re.escape(w) + edge[1] + r"[\s，,、;；。:：]*", "", prompt)
+    return re.sub(r"[\s，,、;；。:：]+$", "", prompt).strip()
 
 
 def recorded_trigger_word(dataset_dir: str | os.PathLike) -> str | None:

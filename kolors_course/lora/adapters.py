@@ -59,18 +59,23 @@ def remove_lora(unet) -> int:
 
 @contextmanager
 def adapters_off(unet):
-    """The UNet as it was before its adapters: peft's own switch on each adapted layer, turned back
-    on afterwards (on error too)."""
+    """The UNet as it was before its adapters: peft's own switch on each adapted layer, put back as
+    it was afterwards (on error too), with the adapters' trainable flags."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    # peft's switch also sets the adapters' trainable flags: note them and each switch, and put both back
+    was_off = [m.disable_adapters for m in layers]
+    flags = {p: p.requires_grad for m in layers for n, p in m.named_parameters() if "lora_" in n}
     for m in layers:
         m.enable_adapters(False)
     try:
         yield unet
     finally:
-        for m in layers:
-            m.enable_adapters(True)
+        for m, off in zip(layers, was_off):
+            m.enable_adapters(not off)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def lora_state(unet) -> dict:

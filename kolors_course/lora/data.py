@@ -43,9 +43,9 @@ def prepare_data(pipe, rows, cfg: TrainConfig, device: str, dtype) -> list[dict]
     for path, text in progress(rows, desc="encoding captions and images"):
         if text not in cache:
             cache[text] = encoded(pipe, text)
-            if cfg.preserve_weight:     # the same caption without the trigger word (losses.preservation_loss)
-                plain = encoded(pipe, without_trigger(text, cfg.trigger_words))
-                cache[text].update({"plain_" + k: v for k, v in plain.items()})
+            plain = without_trigger(text, cfg.trigger_words) if cfg.preserve_weight else text
+            if plain != text:   # the same caption without the trigger word (losses.preservation_loss)
+                cache[text].update({"plain_" + k: v for k, v in encoded(pipe, plain).items()})
         item = {"text": text, "path": path, **cache[text]}
         pixels = load_image_tensor(path, cfg.resolution, cfg.center_crop, rng)
         if cfg.cache_latents:
@@ -112,6 +112,17 @@ def check_data(data: list, cfg: TrainConfig, processes: int) -> None:
         warnings.warn(f"{empty} of {len(data)} training captions are empty: those images train the model "
                       "without any prompt. Add captions (notebook 02's caption editor) unless that is intended.",
                       stacklevel=3)
+    if cfg.preserve_weight:
+        kept = sum(1 for item in data if "plain_encoder_hidden_states" in item)
+        if kept == 0:
+            raise TrainingError(
+                f"preserve_weight={cfg.preserve_weight} keeps the base model for the captions with the trigger "
+                f"word(s) {list(cfg.trigger_words)} taken out, but none of the {len(data)} captions holds them. "
+                "Train with the word the captions use (notebook 02's trigger_word), or set preserve_weight=0.")
+        if kept < len(data):
+            warnings.warn(f"{len(data) - kept} of {len(data)} training captions do not hold the trigger word: "
+                          "preserve_weight leaves those out (keeping the base model there would fight the "
+                          "training on them).", stacklevel=3)
     for word in cfg.trigger_words:
         n = sum(1 for item in data if word in item["text"])
         if n == 0:

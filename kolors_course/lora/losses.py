@@ -46,22 +46,26 @@ def batch_loss(unet_t, data, global_idx, cfg, pipe, scheduler, gen, accelerator)
     b = latents.shape[0]
     h, w = latents.shape[2] * 8, latents.shape[3] * 8
     noisy = noisy.to(pipe.torch_dtype)
-    if cfg.preserve_weight:
+    # the samples whose caption held the trigger word (data.prepare_data encoded them without it)
+    keep = [j for j, i in enumerate(global_idx[mine]) if "plain_encoder_hidden_states" in data[i]] \
+        if cfg.preserve_weight else []
+    if keep:
         # the captions without the trigger word ride in the same forward pass (one pass with
         # gradients: what DistributedDataParallel allows), and the base model's answer to them is
         # the UNet's own with the adapters off
-        plain_emb = torch.cat([data[i]["plain_encoder_hidden_states"] for i in global_idx[mine]]).to(
-            device, pipe.torch_dtype)
-        plain_pooled = torch.cat([data[i]["plain_add_text_embeds"] for i in global_idx[mine]]).to(
-            device, pipe.torch_dtype)
-        base = base_prediction(accelerator, unet_t, noisy, timestep, plain_emb, plain_pooled, h, w)
-        noisy, emb, pooled = torch.cat([noisy, noisy]), torch.cat([emb, plain_emb]), torch.cat([pooled, plain_pooled])
+        rows = [global_idx[mine][j] for j in keep]
+        plain_emb = torch.cat([data[i]["plain_encoder_hidden_states"] for i in rows]).to(device, pipe.torch_dtype)
+        plain_pooled = torch.cat([data[i]["plain_add_text_embeds"] for i in rows]).to(device, pipe.torch_dtype)
+        again = noisy[keep]
+        base = base_prediction(accelerator, unet_t, again, timestep, plain_emb, plain_pooled, h, w)
+        noisy, emb, pooled = (torch.cat([noisy, again]), torch.cat([emb, plain_emb]),
+                              torch.cat([pooled, plain_pooled]))
     add_time_id = torch.tensor([h, w, 0, 0, h, w], device=device).repeat(noisy.shape[0])
     with accelerator.autocast():
         pred = unet_t(noisy, timestep=timestep, encoder_hidden_states=emb, add_text_embeds=pooled,
                       add_time_id=add_time_id, use_gradient_checkpointing=cfg.gradient_checkpointing)
     loss = torch.nn.functional.mse_loss(pred[:b].float(), target.float())
-    if cfg.preserve_weight:
+    if keep:
         loss = loss + cfg.preserve_weight * preservation_loss(pred[b:], base)
     return loss * scheduler.training_weight(timestep)
 

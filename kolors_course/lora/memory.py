@@ -27,7 +27,9 @@ def estimate_gpu_memory_gb(cfg: TrainConfig, unet_params: float = 2.58e9) -> flo
     """
     weights = unet_params * 2 / 1e9
     act_per_image_1024 = 3.0 if cfg.gradient_checkpointing else 14.0
-    acts = act_per_image_1024 * cfg.batch_size * (cfg.resolution / 1024) ** 2
+    # with preserve_weight the captions without the trigger word ride in the same pass: twice the batch
+    rows = cfg.batch_size * (2 if cfg.preserve_weight else 1)
+    acts = act_per_image_1024 * rows * (cfg.resolution / 1024) ** 2
     lora = 0.3 * cfg.rank / 16
     return weights + acts + lora + 1.0
 
@@ -45,6 +47,9 @@ def preflight(cfg: TrainConfig, device: str) -> list[str]:
         advice.append("Set gradient_checkpointing=True (about 4x less activation memory, ~30% slower).")
     if cfg.batch_size > 1:
         advice.append(f"Use batch_size=1 with grad_accum={cfg.batch_size * cfg.grad_accum} (same effective batch).")
+    if cfg.preserve_weight:
+        advice.append("preserve_weight doubles the batch the UNet trains on each step; preserve_weight=0 halves "
+                      "that activation memory (the LoRA's look may then leak into prompts without the trigger word).")
     if cfg.resolution > 768:
         advice.append("Lower the resolution (768 needs about 0.56x the activation memory of 1024).")
     if not cfg.use_8bit_adam:
