@@ -460,3 +460,39 @@ def test_pooled_dropout_hides_the_captions_pooled_embedding_and_keeps_its_token_
     assert not torch.equal(trained(hidden, pooled, 0.0), trained(hidden, other_pooled, 0.0))
     with pytest.raises(ValueError, match="empty_row"):
         train_unet(None, latents, [[0]], hidden, pooled, UNetConfig(steps=1, pooled_dropout=0.5))
+
+
+def test_the_layout_curriculum_trains_on_shape_and_place_captions_first():
+    """``UNetConfig.layout_first_steps``: the first steps draw each picture's layout captions
+    (shape and place only), the rest the world's own; without the layout rows it refuses."""
+    import random
+
+    from kolors_course.world import scenes as W
+    from kolors_course.world.train_unet import UNetConfig, train_unet
+
+    rng = random.Random(0)
+    for scene in W.sample_scenes(20, seed=3):
+        cap = W.layout_caption(scene, rng)
+        assert scene.shape in cap and (scene.position in cap or scene.position == "中间")
+        assert not any(colour in cap for colour in W.COLOURS), cap
+
+    class Rows:
+        """The cached token states, recording which caption rows each step reads."""
+        def __init__(self):
+            self.seen = []
+
+        def __getitem__(self, rows):
+            self.seen.append(list(rows))
+            return torch.zeros(len(rows), 8, T.TEXT_DIM)
+
+    hidden, pooled = Rows(), torch.zeros(6, T.TEXT_DIM)
+    world_rows, layout_rows = [[0], [1], [2]], [[3], [4], [5]]
+    torch.manual_seed(0)
+    unet = T.diffsynth_classes()["sdxl_unet"]()
+    cfg = UNetConfig(steps=5, batch_size=2, warmup_steps=1, layout_first_steps=2, log_every=100)
+    train_unet(unet, torch.randn(3, 4, 16, 16), world_rows, hidden, pooled, cfg, log=None, first_rows=layout_rows)
+    assert len(hidden.seen) == 5
+    assert all(r >= 3 for step in hidden.seen[:2] for r in step), hidden.seen
+    assert all(r < 3 for step in hidden.seen[2:] for r in step), hidden.seen
+    with pytest.raises(ValueError, match="first_rows"):
+        train_unet(unet, torch.randn(3, 4, 16, 16), world_rows, hidden, pooled, cfg, log=None)

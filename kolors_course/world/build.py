@@ -220,20 +220,27 @@ def _unet_stage(out_dir, world, stats, knobs, settings, seed, quick, unet_lr, dt
                      log_every=100 if not quick else 5, warmup_steps=100 if not quick else 2,
                      ema_decay=0.999 if not quick else 0.9, **recipe)
     text = None
+    n_world = len(world.captions)
+    captions = world.captions
+    if cfg.layout_first_steps:
+        # two captions per picture naming only its shape and place, for the curriculum's first phase
+        rng = random.Random(f"layout captions:{seed}")
+        captions = captions + [[W.layout_caption(s, rng) for _ in range(2)] for s in world.scenes]
     if cfg.train_text_encoder:
         # the captions are encoded at every step by a text encoder whose layers train with the UNet
-        text = CaptionEncoder(tiny_prompter(), [c for cs in world.captions for c in cs])
-        rows = [[text.index[c] for c in cs] for cs in world.captions]
+        text = CaptionEncoder(tiny_prompter(), [c for cs in captions for c in cs])
+        all_rows = [[text.index[c] for c in cs] for cs in captions]
         hidden = pooled = None
         n_captions = len(text.index)
         empty_row = text.index[""]
     else:
-        rows, hidden, pooled, n_captions, empty_row = _encoded_captions(world.captions, log)
+        all_rows, hidden, pooled, n_captions, empty_row = _encoded_captions(captions, log)
+    rows, first_rows = all_rows[:n_world], (all_rows[n_world:] or None)
     log(f"latents {tuple(latents.shape)}; {n_captions} distinct captions "
         f"{'tokenised' if text else 'encoded'} in {time.perf_counter() - t0:.0f} s")
     coverage = world.shape_coverage() if cfg.shape_weight else None
     run = train_unet(unet, latents, rows, hidden, pooled, cfg, scheduler=kolors_scheduler(), log=log,
-                     cell_weights=coverage, text=text, empty_row=empty_row)
+                     cell_weights=coverage, text=text, empty_row=empty_row, first_rows=first_rows)
     if (out_dir / T.UNET_REL).parent.exists():
         shutil.rmtree((out_dir / T.UNET_REL).parent)
     T.write_unet(run["ema"].state_dict(), out_dir, dtype=getattr(torch, dtype))

@@ -290,6 +290,15 @@ def _painter_phrase(s: Scene, rng: random.Random) -> str:
     return rng.choice([f"{s.painter}风格", f"{s.painter}的作品", f"画家{s.painter}", f"{s.painter}"])
 
 
+def layout_caption(scene: Scene, rng: random.Random) -> str:
+    """A caption naming only the shape and its place, ``一个圆形，在左边`` or ``在左边，星形``: what
+    the UNet trains on first (``UNetConfig.layout_first_steps``), so that these two words are
+    learned before the colours, which pay far more of the loss, take the UNet's attention."""
+    parts = [_shape_phrase(scene, rng, with_colour=False, with_size=False), _position_phrase(scene, rng)]
+    rng.shuffle(parts)
+    return "，".join(parts)
+
+
 def caption(scene: Scene, rng: random.Random) -> str:
     """One Chinese caption of ``scene``, drawn with ``rng`` (a ``random.Random``)."""
     u = rng.random()
