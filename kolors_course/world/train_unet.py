@@ -85,6 +85,13 @@ class UNetConfig:
     seed: int = 0
     log_every: int = 100
 
+    def __post_init__(self):
+        # refused where the settings are made, not minutes later when the loop starts
+        if self.layout_first_steps >= self.steps > 0:
+            raise ValueError(f"UNetConfig.layout_first_steps ({self.layout_first_steps}) leaves none of the "
+                             f"{self.steps} steps for the world's own captions: make it fewer (README's measured "
+                             "curriculum: 1,500 of 6,000; --unet-option layout_first_steps=N, 0 turns it off)")
+
 
 def kolors_scheduler():
     """The noise schedule the Kolors pipeline samples with, in training mode (all 1,100 steps)."""
@@ -236,10 +243,6 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
     empty caption (for ``cfg.pooled_dropout``).  ``first_rows[i]``: the rows of picture ``i``'s
     layout captions, drawn from instead of ``caption_rows`` for the first ``cfg.layout_first_steps``.
     """
-    if cfg.layout_first_steps >= cfg.steps > 0:
-        raise ValueError(f"UNetConfig.layout_first_steps ({cfg.layout_first_steps}) leaves none of the {cfg.steps} "
-                         "steps for the world's own captions: make it fewer (the shipped build: 1,500 of 6,000; "
-                         "--unet-option layout_first_steps=N, 0 turns the curriculum off)")
     if cfg.layout_first_steps and first_rows is None:
         raise ValueError("UNetConfig.layout_first_steps needs first_rows: the rows of each picture's layout captions")
     if cfg.pooled_dropout and empty_row is None:
