@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import kolors_course.lora.files as lora_files
 import kolors_course.models.loading as models
+from kolors_course.core.profiles import KOLORS
 from kolors_course.data.recipe import Recipe
 from kolors_course.data.build import build_training_set
 from kolors_course.data.training_set import DatasetError
@@ -28,7 +29,11 @@ def dataset_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny, dataset_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("run") / "r"
+    # on every attention projection, as the kolors profile trains (tiny's own LoRA sits on the
+    # cross-attention's keys and values only): the files then hold to_out, whose names differ
+    # between the layouts (to_out -> to_out.0), and self-attention's layers
     cfg = TrainConfig.for_profile(tiny, max_steps=40, learning_rate=1e-2, rank=4, alpha=8.0,
+                                  target_modules=KOLORS.lora_target_modules,
                                   validate_every=20, trigger_words=["几何风"], preserve_weight=0.0)
     # the set was built without a trigger word, so the kit warns that this one cannot be learned
     # (with preservation on it is an error: test_trigger_and_submission)
@@ -249,7 +254,7 @@ def test_parameter_counts_match_the_adapters_training_creates(tiny, tiny_pipe):
     from kolors_course.lora.adapters import add_lora
     from kolors_course.models.loading import load_pipeline
 
-    total, counts = lora_parameter_counts(tiny_pipe.unet, ranks=(1, 4))
+    total, counts = lora_parameter_counts(tiny_pipe.unet, ranks=(1, 4), target_modules=tiny.lora_target_modules)
     unet = load_pipeline(tiny).unet
     params = add_lora(unet, TrainConfig.for_profile(tiny, rank=4))
     assert sum(p.numel() for p in params) == counts[4]

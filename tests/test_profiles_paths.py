@@ -9,11 +9,15 @@ from kolors_course.core.profiles import KOLORS, TINY, choose_profile
 def test_a_profiles_training_defaults_reach_the_training_config():
     from kolors_course.lora.config import TrainConfig
 
-    for prof in (TINY, KOLORS, TINY.with_(lora_rank=8, train_steps=30, validations=0)):
+    for prof in (TINY, KOLORS, TINY.with_(lora_rank=8, train_steps=30, validations=0,
+                                          lora_target_modules=["to_q", "attn2.to_out"])):
         cfg = TrainConfig.for_profile(prof)
         assert (cfg.rank, cfg.alpha, cfg.max_steps, cfg.resolution, cfg.batch_size) == (
             prof.lora_rank, prof.lora_alpha, prof.train_steps, prof.train_resolution, prof.batch_size)
+        assert cfg.target_modules == tuple(prof.lora_target_modules)
         assert (cfg.validate_every is None) == (prof.validations == 0)
+    # the kolors profile trains where DiffSynth's Kolors trainer does; tiny, only what reads the words
+    assert TrainConfig.for_profile(KOLORS).target_modules == TrainConfig().target_modules
 
 
 def test_an_unknown_profile_field_is_an_error():

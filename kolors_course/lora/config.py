@@ -111,6 +111,7 @@ class TrainConfig:
         from kolors_course.core.trigger import words as trigger_words
 
         base = dict(rank=profile.lora_rank, alpha=profile.lora_alpha, learning_rate=profile.learning_rate,
+                    target_modules=tuple(profile.lora_target_modules),
                     max_steps=profile.train_steps, batch_size=profile.batch_size,
                     resolution=profile.train_resolution, offset_noise=profile.train_offset_noise,
                     # the preservation keeps the base model for captions without the trigger word:
