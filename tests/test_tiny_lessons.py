@@ -165,7 +165,6 @@ def test_the_story_at_its_lora_strength_keeps_its_star_and_takes_the_look(lora, 
     shows the red star (red, orange, or purple where its blurred edge meets blue), nearly every
     scene its asked place, and the coloured scenes rise towards pastel.  At strength 1 the look
     washed the star out: the judge read all 8 backgrounds as white."""
-    from kolors_course.core.profiles import choose_profile
     from kolors_course.lora.strength import set_lora_scale
     from kolors_course.story.stories import generate_story, generation_settings, load_story
     from kolors_course.world.judge import judge
