@@ -11,6 +11,9 @@ from kolors_course.core.paths import project_path, project_root, relative_to_roo
 from kolors_course.core.state import environ, environ_default
 from kolors_course.core.steps import gallery_file
 
+#: matplotlib's backend in a Jupyter kernel (the matplotlib-inline package, which ipykernel needs)
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+
 
 @dataclass
 class NotebookResult:
@@ -124,10 +127,12 @@ def run_notebooks(notebooks: list[str] | None = None, out: str | os.PathLike = "
         raise ValueError(f"parameter(s) {unknown} are declared by none of "
                          f"{[p.stem for p in paths]}; check the spelling")
     results: list[NotebookResult] = []
-    # the kernels inherit these: headless bars, the project root, a non-interactive plot backend
-    # (a learner's own HOME/backend wins); all put back when the run ends
-    with environ(KOLORS_COURSE_HEADLESS="1"), environ_default(KOLORS_COURSE_HOME=str(project_root()),
-                                                             MPLBACKEND="Agg"):
+    # the kernels inherit these: headless bars, the project root (a learner's own wins), and
+    # Jupyter's inline plot backend, so the executed notebooks keep their figures as a learner's
+    # would (a non-interactive backend such as Agg, set for tests or servers, left them with
+    # none); all put back when the run ends
+    with environ(KOLORS_COURSE_HEADLESS="1", MPLBACKEND=INLINE_BACKEND), \
+            environ_default(KOLORS_COURSE_HOME=str(project_root())):
         for i, nb in enumerate(paths):
             params = {"profile": profile, "out_dir": str(out_dir)}
             params.update({k: v for k, v in parameters.items() if k in declared[nb]})

@@ -1,4 +1,6 @@
 
+import os
+
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
@@ -110,3 +112,20 @@ def test_run_leaves_the_environment_as_it_was(tmp_path, monkeypatch):
     results = runner.run_notebooks([str(nb)], out=tmp_path / "out", quiet=True)
     assert [r.status for r in results] == ["ok"], results[0].error
     assert dict(os.environ) == before
+
+
+def test_executed_notebooks_keep_their_figures(tmp_path, monkeypatch):
+    """A headless run embeds the figures a learner would see: a kit image grid ending in `;` as the
+    notebooks' cells do.  With matplotlib's Agg backend inherited by the kernel (as conftest sets it,
+    and as the runner itself once did) the executed copies held no picture at all."""
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    body = ("from PIL import Image\nimport kolors_course as kc\n"
+            "kc.show_grid([('red', Image.new('RGB', (8, 8), 'red'))], title='one');")
+    nb = _notebook(tmp_path / "95_figure.ipynb", body)
+    results = runner.run_notebooks([str(nb)], out=tmp_path / "out", quiet=True)
+    assert [r.status for r in results] == ["ok"], results[0].error
+    done = nbformat.read(tmp_path / "out" / "notebooks" / "95_figure.ipynb", as_version=4)
+    images = [o for c in done.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert len(images) == 1, [c.get("outputs") for c in done.cells]
+    assert os.environ["MPLBACKEND"] == "Agg"                  # put back after the run
