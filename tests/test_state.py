@@ -145,3 +145,28 @@ def test_the_stand_in_scorer_leaves_torch_alone(tmp_path):
     before = snapshot()
     stand_in_scorer.new_model(seed=3)                  # its initial weights come from a seeded draw
     assert_same(before, snapshot())
+
+
+def test_saving_a_plot_leaves_the_plot_backend_alone(tmp_path):
+    """The loss curve (saved during training) and the data report's plots are written without
+    pyplot: they once switched matplotlib to Agg, which hid every later figure of the notebook."""
+    import matplotlib
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from kolors_course.data.report import plot_histograms
+    from kolors_course.lora.lessons import plot_loss
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        plot_loss([1.0, 0.6, 0.4, 0.3, 0.25, 0.2], tmp_path / "loss.png")
+        items = [SimpleNamespace(width=w, height=h) for w, h in ((64, 64), (128, 96), (200, 100))]
+        plot_histograms(items, items[1:], tmp_path / "sizes.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    for name in ("loss.png", "sizes.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.size[0] > 100

@@ -28,11 +28,12 @@ def write_report(folder: Path, items_before, items_after, dropped, counts, sourc
 
 
 def plot_histograms(before, after, path: Path):
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # a Figure without pyplot: saved, never shown, and the learner's plot backend left alone
+    # (switching it to Agg here hid every later figure of the notebook)
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    fig = Figure(figsize=(11, 3))
+    axes = fig.subplots(1, 3)
     for ax, (title, fn) in zip(axes, [("width (px)", lambda it: it.width),
                                       ("height (px)", lambda it: it.height),
                                       ("aspect ratio (w/h)", lambda it: it.width / it.height)]):
@@ -45,7 +46,6 @@ def plot_histograms(before, after, path: Path):
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
@@ -55,9 +55,7 @@ def plot_preview(kept, dropped, before, sources: dict, path: Path, n_kept: int =
     A dropped image is drawn from its checked path in ``sources``; a refused one
     (a metadata path outside the folder, None there) is shown as "not opened".
     """
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # saved, never shown (see plot_histograms)
     from PIL import Image
 
     staged = {it.id: it.file for it in before}
@@ -70,7 +68,8 @@ def plot_preview(kept, dropped, before, sources: dict, path: Path, n_kept: int =
         kind = "dropped" if f is not None else "refused"
         drows.append((kind, d.id, f if f is not None and f.is_file() else None, f"{d.stage}: {d.reason}"))
     cols = max(len(rows), len(drows), 1)
-    fig, axes = plt.subplots(2, cols, figsize=(cols * 1.9, 2 * 2.3), squeeze=False)
+    fig = Figure(figsize=(cols * 1.9, 2 * 2.3))
+    axes = fig.subplots(2, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for r, group in enumerate((rows, drows)):
@@ -91,7 +90,6 @@ def plot_preview(kept, dropped, before, sources: dict, path: Path, n_kept: int =
             ax.set_title(_wrap(f"{ident}\n{label}", 28), fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 

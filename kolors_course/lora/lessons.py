@@ -10,11 +10,12 @@ from kolors_course.lora.adapters import is_lora_target
 
 
 def plot_loss(losses: list, path: Path, smooth: int = 5):
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # a Figure without pyplot: saved, never shown, and the learner's plot backend left alone
+    # (switching it to Agg here, during training, hid notebook 03's later figures)
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig = Figure(figsize=(6, 3))
+    ax = fig.subplots()
     ax.plot(range(1, len(losses) + 1), losses, alpha=0.4, label="loss")
     if len(losses) >= smooth:
         avg = [sum(losses[max(0, i - smooth + 1):i + 1]) / len(losses[max(0, i - smooth + 1):i + 1])
@@ -25,7 +26,6 @@ def plot_loss(losses: list, path: Path, smooth: int = 5):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
