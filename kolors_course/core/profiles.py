@@ -33,6 +33,11 @@ MODEL_SOURCES = {"tiny": "the kit (tiny, built locally)", "modelscope": "ModelSc
                  "rehearsal": "random Kolors-sized weights (the dress rehearsal)"}
 
 
+#: every attention projection of the UNet, where DiffSynth's Kolors LoRA trainer puts its LoRA
+#: (self- and cross-attention alike): TrainConfig's and the kolors profile's LoRA layers
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -65,9 +70,9 @@ class Profile:
     train_steps: int = 60
     lora_rank: int = 4
     lora_alpha: float = 4.0
-    #: the UNet layers the LoRA adapts (TrainConfig.target_modules): DiffSynth's Kolors trainer
-    #: puts it on every attention projection; "attn2.*" names the cross-attention's only
-    lora_target_modules: tuple = ("to_q", "to_k", "to_v", "to_out")
+    #: the UNet layers the LoRA adapts (TrainConfig.target_modules); "attn2.*" names the
+    #: cross-attention's only
+    lora_target_modules: tuple = ATTENTION_PROJECTIONS
     learning_rate: float = 5e-3
     batch_size: int = 2
     # TrainConfig.preserve_weight when a trigger word is set: keeps the base model's pictures for

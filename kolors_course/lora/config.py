@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from kolors_course.core.paths import relative_to_root
-from kolors_course.core.profiles import Profile
+from kolors_course.core.profiles import ATTENTION_PROJECTIONS, Profile
 
 
 class TrainingError(RuntimeError):
@@ -22,7 +22,7 @@ class TrainConfig:
     """Every knob of a run.  ``for_profile`` fills the profile's defaults."""
     rank: int = 16
     alpha: float = 4.0
-    target_modules: tuple = ("to_q", "to_k", "to_v", "to_out")
+    target_modules: tuple = ATTENTION_PROJECTIONS
     learning_rate: float = 1e-4
     lr_scheduler: str = "constant"          # constant, constant_with_warmup, linear, cosine
     warmup_steps: int = 0

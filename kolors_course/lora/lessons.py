@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from kolors_course.core.profiles import ATTENTION_PROJECTIONS
 from kolors_course.lora.adapters import is_lora_target
 
 
@@ -29,7 +30,7 @@ def plot_loss(losses: list, path: Path, smooth: int = 5):
     return path
 
 
-def lora_parameter_counts(unet, ranks=(1, 4, 16, 64), target_modules=("to_q", "to_k", "to_v", "to_out")):
+def lora_parameter_counts(unet, ranks=(1, 4, 16, 64), target_modules=ATTENTION_PROJECTIONS):
     """Trainable parameters a LoRA of each rank adds, against the UNet's own size."""
     total = sum(p.numel() for p in unet.parameters())
     per_rank = 0
