@@ -164,9 +164,18 @@ def test_saving_a_plot_leaves_the_plot_backend_alone(tmp_path):
         plot_loss([1.0, 0.6, 0.4, 0.3, 0.25, 0.2], tmp_path / "loss.png")
         items = [SimpleNamespace(width=w, height=h) for w, h in ((64, 64), (128, 96), (200, 100))]
         plot_histograms(items, items[1:], tmp_path / "sizes.png")
-        assert matplotlib.get_backend() == "svg"
+        # an image grid outside a notebook (a script, a terminal): no switch either, and no
+        # figure left open in pyplot's list
+        import matplotlib.pyplot as plt
+        from kolors_course.core.images import show_grid
+
+        open_before = plt.get_fignums()
+        fig = show_grid([("a", Image.new("RGB", (8, 8), "red")), ("b", Image.new("RGB", (8, 8), "blue"))],
+                        title="two", save_to=tmp_path / "grid.png")
+        assert len(fig.axes) == 2
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == open_before
     finally:
         matplotlib.use(before)
-    for name in ("loss.png", "sizes.png"):
+    for name in ("loss.png", "sizes.png", "grid.png"):
         with Image.open(tmp_path / name) as im:
             assert im.size[0] > 100

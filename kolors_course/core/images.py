@@ -33,21 +33,29 @@ def show_grid(items: Sequence, cols: int | None = None, title: str = "", save_to
 
     Labels are drawn by matplotlib, so they may be Chinese only where a CJK
     font exists; keep labels in ASCII (``cfg_scale=4``) and show Chinese
-    prompts as text instead.
+    prompts as text instead.  In a notebook the figure is pyplot's (shown under
+    the cell); elsewhere it is a pyplot-free ``Figure`` (``save_to`` or
+    ``fig.savefig`` keeps it), and matplotlib's backend is never switched.
     """
-    import matplotlib
-
-    if not _interactive():
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     n = len(items)
     if n == 0:
         raise ValueError("show_grid got nothing to show")
     cols = cols or min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell_inches, rows * cell_inches + 0.4),
-                             squeeze=False)
+    figsize = (cols * cell_inches, rows * cell_inches + 0.4)
+    if _interactive():
+        # pyplot, so that the notebook's inline backend shows the figure under the cell
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=figsize)
+    else:
+        # a script or a terminal: a Figure without pyplot, to save or display, so that the
+        # caller's plot backend is left as it was (no switch to Agg) and no window or figure
+        # piles up in pyplot's list
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (label, im) in zip(axes.flat, items):
