@@ -44,6 +44,12 @@ def trained(tiny, dataset_dir, tmp_path_factory):
 def test_loss_on_fixed_set_falls(trained):
     assert trained.fixed_loss_after < 0.9 * trained.fixed_loss_before, trained.summary()
     assert len(trained.losses) == 40 and all(np.isfinite(trained.losses))
+    # the loss curve's steady line: before training, then at every checkpoint (every 16 steps and
+    # the last), the same fixed set each time
+    steps, values = zip(*trained.fixed_losses)
+    assert steps == (0, 16, 32, 40)
+    assert values[0] == trained.fixed_loss_before and values[-1] == trained.fixed_loss_after
+    assert min(values[1:]) < values[0]
 
 
 def test_run_folder_contents(trained):
@@ -51,7 +57,10 @@ def test_run_folder_contents(trained):
     for name in ("lora.safetensors", "lora_kohya.safetensors", "loss.csv", "loss.png", "summary.json",
                  "train_config.json"):
         assert (run / name).exists(), name
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000020.png", "step-000040.png"]
+    # step 0 is the base model: the grid starts with what the LoRA changes
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step-000000.png", "step-000020.png", "step-000040.png"]
+    assert [s for s, _ in trained.samples] == [0, 20, 40]
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert len(ckpts) == 2 and ckpts[-1] == "step-000040"      # keep_last=2
     assert not list(run.rglob("*.tmp"))
@@ -90,8 +99,10 @@ def test_resumed_run_matches_uninterrupted(tiny, dataset_dir, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert full.losses == pytest.approx(resumed.losses, rel=1e-5)
-    # the loss on the fixed set before training travels with the checkpoint
+    # the loss on the fixed set before training, and at each checkpoint, travels with the checkpoint
     assert resumed.fixed_loss_before == pytest.approx(full.fixed_loss_before)
+    assert [s for s, _ in resumed.fixed_losses] == [s for s, _ in full.fixed_losses] == [0, 4, 8, 12]
+    assert [v for _, v in resumed.fixed_losses] == pytest.approx([v for _, v in full.fixed_losses], rel=1e-5)
 
 
 def _image(pipe, seed=3):

@@ -48,7 +48,8 @@ def test_validation_images_do_not_change_training(tiny, dataset_dir, tmp_path):
     """Item 3: a validation image used to leave the shared scheduler on the inference timesteps."""
     plain = train_lora(tiny, dataset_dir, tmp_path / "plain", _cfg(tiny))
     validated = train_lora(tiny, dataset_dir, tmp_path / "val", _cfg(tiny, validate_every=1))
-    assert len(list((tmp_path / "val" / "samples").glob("*.png"))) == 6
+    # step 0 (the base model) and each of the 6 steps
+    assert len(list((tmp_path / "val" / "samples").glob("*.png"))) == 7
     assert _same_weights(_weights(plain.files["lora"]), _weights(validated.files["lora"]))
     assert plain.losses == validated.losses
     assert plain.fixed_loss_after == validated.fixed_loss_after
@@ -252,6 +253,8 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tiny, dataset_dir,
     assert (run / "lora.safetensors").stat().st_mtime_ns == stamp        # nothing trained or written
     assert again.losses == pytest.approx(first.losses) and again.files == first.files
     assert again.fixed_loss_after == pytest.approx(first.fixed_loss_after)
+    assert [s for s, _ in again.fixed_losses] == [s for s, _ in first.fixed_losses]
+    assert [v for _, v in again.fixed_losses] == pytest.approx([v for _, v in first.fixed_losses])
     assert [s for s, _ in again.samples] == [6]
     with pytest.raises(TrainingError, match="learning_rate"):
         train_lora(tiny, dataset_dir, run, _cfg(tiny, learning_rate=1e-3), reuse_finished=True)

@@ -80,7 +80,7 @@ class Profile:
     lora_preserve_weight: float = 0.0
     gradient_checkpointing: bool = False
     precision: str = "fp32"
-    validations: int = 0                  # validation-image rounds during training, besides the last step
+    validations: int = 0                  # validation-image rounds during training, besides step 0 and the last step
     base_model: str = "Kwai-Kolors/Kolors"  # what a LoRA file records as the model it was trained on
     # -- the lessons' examples: words this profile's model knows -------------------------
     #: notebook 01's prompt, built up part by part (subject, details, modifiers, style, artist)

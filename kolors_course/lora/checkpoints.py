@@ -43,6 +43,7 @@ class RunState:
     losses: list = field(default_factory=list)
     fixed_loss_before: float | None = None
     resumed_from: int | None = None
+    fixed_losses: list = field(default_factory=list)     # (step, loss on the fixed set): 0 and each checkpoint
 
 
 def save_checkpoint(run_dir: Path, state: RunState, unet, optimizer, lr_schedule, gen, stream,
@@ -67,7 +68,8 @@ def save_checkpoint(run_dir: Path, state: RunState, unet, optimizer, lr_schedule
                         dict(meta, checkpoint_step=str(state.step)))
     torch.save({"step": state.step, "optimizer": optimizer.state_dict(), "scheduler": lr_schedule.state_dict(),
                 "generator": gen.get_state(), "cursor": stream.cursor, "losses": list(state.losses),
-                "fixed_loss_before": state.fixed_loss_before, "config": json.dumps(config_record(cfg)),
+                "fixed_loss_before": state.fixed_loss_before, "fixed_losses": [list(x) for x in state.fixed_losses],
+                "config": json.dumps(config_record(cfg)),
                 "dataset": dataset},
                tmp / "state.pt")
     if final.exists():
@@ -111,7 +113,8 @@ def load_checkpoint(ckpt: Path, state: dict, unet, optimizer, lr_schedule, gen, 
     gen.set_state(state["generator"])
     stream.cursor = state["cursor"]
     return RunState(step=state["step"], losses=list(state["losses"]),
-                    fixed_loss_before=state.get("fixed_loss_before"), resumed_from=state["step"])
+                    fixed_loss_before=state.get("fixed_loss_before"), resumed_from=state["step"],
+                    fixed_losses=[tuple(x) for x in state.get("fixed_losses", [])])
 
 
 def run_finished(run_dir: Path) -> bool:
@@ -155,7 +158,8 @@ def load_finished_run(run_dir: Path, cfg: TrainConfig, rows) -> TrainResult:
     return TrainResult(run_dir, steps, losses, {k: project_path(v) for k, v in summary["files"].items()},
                        summary["seconds"], summary["seconds_per_step"], summary["peak_memory_gb"],
                        summary.get("resumed_from"), samples, summary.get("fixed_set_loss_before"),
-                       summary.get("fixed_set_loss_after"), summary.get("peak_training_loop_gb", 0.0))
+                       summary.get("fixed_set_loss_after"), summary.get("peak_training_loop_gb", 0.0),
+                       [tuple(x) for x in summary.get("fixed_set_losses", [])])
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -222,6 +226,7 @@ def close_run(run: RunFolder, res: TrainResult, memory, peaks: dict) -> dict:
         "memory_measure": "GPU allocations (GB, 10^9 bytes)" if memory.cuda else "process resident size (GB)",
         "resumed_from": res.resumed_from,
         "fixed_set_loss_before": res.fixed_loss_before, "fixed_set_loss_after": res.fixed_loss_after,
+        "fixed_set_losses": [list(x) for x in res.fixed_losses],
         "fixed_set_loss_before_note": None if res.fixed_loss_before is not None else
         "not measured: resumed from a checkpoint written before the kit stored it",
         "first_loss": res.losses[0] if res.losses else None,

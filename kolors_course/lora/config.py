@@ -119,7 +119,10 @@ class TrainConfig:
                     preserve_weight=profile.lora_preserve_weight if trigger_words(overrides.get("trigger_words")) else 0.0,
                     gradient_checkpointing=profile.gradient_checkpointing,
                     checkpoint_every=max(1, profile.train_steps // 5),
-                    validate_every=max(1, profile.train_steps // profile.validations) if profile.validations else None)
+                    # evenly spaced rounds, the last one a round's length before the end (the
+                    # final images come at the last step anyway)
+                    validate_every=max(1, round(profile.train_steps / (profile.validations + 1)))
+                    if profile.validations else None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -183,6 +186,7 @@ class TrainResult:
     fixed_loss_before: float | None = None
     fixed_loss_after: float | None = None
     peak_training_gb: float = 0.0
+    fixed_losses: list = field(default_factory=list)   # (step, loss on the fixed set): 0 and each checkpoint
 
     def summary(self) -> str:
         first = sum(self.losses[:5]) / max(len(self.losses[:5]), 1)

@@ -10,7 +10,9 @@ from kolors_course.core.profiles import ATTENTION_PROJECTIONS
 from kolors_course.lora.adapters import is_lora_target
 
 
-def plot_loss(losses: list, path: Path, smooth: int = 5):
+def plot_loss(losses: list, path: Path, smooth: int = 5, fixed=()):
+    """The training loss step by step, its running mean, and ``fixed`` ((step, loss) pairs: the
+    loss on a fixed set of noisy latents, the same every time, so it moves only with the weights)."""
     # a Figure without pyplot: saved, never shown, and the learner's plot backend left alone
     # (switching it to Agg here, during training, hid notebook 03's later figures)
     from matplotlib.figure import Figure
@@ -22,6 +24,9 @@ def plot_loss(losses: list, path: Path, smooth: int = 5):
         avg = [sum(losses[max(0, i - smooth + 1):i + 1]) / len(losses[max(0, i - smooth + 1):i + 1])
                for i in range(len(losses))]
         ax.plot(range(1, len(losses) + 1), avg, label=f"mean of {smooth}")
+    if fixed:
+        steps, values = zip(*fixed)
+        ax.plot(steps, values, "o-", color="black", label="fixed set")
     ax.set_xlabel("step")
     ax.set_ylabel("MSE loss")
     ax.legend()
@@ -90,6 +95,6 @@ def sample_grid_over_time(samples: list, path=None):
     cols = max(len(imgs) for _, imgs in samples)
     for step, imgs in samples:
         for j, im in enumerate(imgs):
-            items.append((f"step {step}" + (f" #{j}" if cols > 1 else ""), im))
+            items.append((f"step {step}" + (" (base)" if step == 0 else "") + (f" #{j}" if cols > 1 else ""), im))
     return show_grid(items, cols=cols if cols > 1 else min(len(items), 6), title="validation images over training",
                      save_to=path)

@@ -114,11 +114,15 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
             state = load_checkpoint(run.checkpoint, saved, unet, optimizer, lr_schedule, gen, stream)
             print(f"resuming from {relative_to_root(run.checkpoint)} (step {state.step} of {cfg.max_steps})")
         else:
-            state = RunState(fixed_loss_before=fixed_set_loss(unet, data, pipe, noise_schedule, cfg))
+            before = fixed_set_loss(unet, data, pipe, noise_schedule, cfg)
+            state = RunState(fixed_loss_before=before, fixed_losses=[(0, before)])
         meta = lora_file_metadata(cfg, profile)
 
-        # 6. the loop
+        # 6. the loop (a fresh run with validation rounds first shows the base model's pictures:
+        # the adapters start at zero, so step 0 is the UNet as it was)
         samples, start_step, t0 = [], state.step, time.perf_counter()
+        if main and cfg.validate_every and state.step == 0:
+            samples.append((0, validation_images(pipe, unet, cfg, run.folder, 0)))
         bar = progress(total=cfg.max_steps, initial=state.step, desc="training LoRA")
         unet.train()
         try:
@@ -145,7 +149,8 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
                     if callback is not None:
                         callback(state.step, value)
                     if main and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps):
-                        check_probe(unet, data, pipe, noise_schedule, cfg, state.step)
+                        state.fixed_losses.append((state.step, checked_fixed_loss(
+                            unet, data, pipe, noise_schedule, cfg, state.step)))
                         save_checkpoint(run.folder, state, unet, optimizer, lr_schedule, gen, stream, cfg, meta,
                                         dataset)
                     if (main and cfg.validate_every and state.step % cfg.validate_every == 0
@@ -158,18 +163,23 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
 
         # 7. the fixed-set loss after, the last validation images, the export
         with memory.phase(peaks, "export"):
-            eval_after = fixed_set_loss(unet, data, pipe, noise_schedule, cfg)
+            # the last checkpoint measured these very weights
+            eval_after = (state.fixed_losses[-1][1] if main and state.fixed_losses
+                          and state.fixed_losses[-1][0] == state.step
+                          else fixed_set_loss(unet, data, pipe, noise_schedule, cfg))
             files = {}
             if main:
                 samples.append((state.step, validation_images(pipe, unet, cfg, run.folder, state.step)))
-                files = finish_run(run.folder, unet, cfg, profile, state.losses, pipe, meta)
+                files = finish_run(run.folder, unet, cfg, profile, state.losses, pipe, meta,
+                                   fixed_losses=state.fixed_losses)
     finally:
         pipe.unpin_prompts()
         if handed_back is not None:
             handed_back.restore(accelerator, cfg)
     res = TrainResult(run.final, state.step, state.losses, files, seconds,
                       seconds / max(state.step - start_step, 1), memory.overall, state.resumed_from, samples,
-                      state.fixed_loss_before, eval_after, peak_training_gb=peaks["training_loop"])
+                      state.fixed_loss_before, eval_after, peak_training_gb=peaks["training_loop"],
+                      fixed_losses=list(state.fixed_losses))
     if main:
         res.files = close_run(run, res, memory, peaks)
     return res
@@ -224,13 +234,15 @@ def check_finite(value: float, params, step: int, cfg: TrainConfig) -> None:
             "Nothing was exported; the checkpoints kept hold finite weights from before.")
 
 
-def check_probe(unet, data, pipe, noise_schedule, cfg: TrainConfig, step: int) -> None:
-    """Finite weights can still be blown up (1e30): they count as good only if they give a finite
-    loss on a fixed probe (with its own random numbers, so a resume stays exact)."""
-    probe = fixed_set_loss(unet, data, pipe, noise_schedule, cfg, n_items=2, per_item=1)
+def checked_fixed_loss(unet, data, pipe, noise_schedule, cfg: TrainConfig, step: int) -> float:
+    """The loss on the fixed set at a checkpoint: the loss curve's steady line, and the check that
+    the weights are good (finite weights can still be blown up, 1e30: they count as good only if
+    they give a finite loss there).  It has its own random numbers, so a resume stays exact."""
+    probe = fixed_set_loss(unet, data, pipe, noise_schedule, cfg)
     if not math.isfinite(probe):
         raise TrainingError(
             f"the weights after step {step} give a loss of {probe} on a fixed probe: "
             f"training diverged. Lower learning_rate (now {cfg.learning_rate}), e.g. to "
             f"{cfg.learning_rate / 10:g}, and start afresh (overwrite=True or another run_name). "
             "Nothing was exported; the checkpoints kept are from before.")
+    return probe

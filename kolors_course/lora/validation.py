@@ -47,8 +47,9 @@ def lora_file_metadata(cfg: TrainConfig, profile: Profile) -> dict:
                          trigger_words=list(cfg.trigger_words), training=training)
 
 
-def finish_run(run_dir: Path, unet, cfg: TrainConfig, profile: Profile, losses: list, pipe, meta: dict) -> dict:
-    """Export both LoRA layouts and the loss curve."""
+def finish_run(run_dir: Path, unet, cfg: TrainConfig, profile: Profile, losses: list, pipe, meta: dict,
+               fixed_losses=()) -> dict:
+    """Export both LoRA layouts and the loss curve (with the fixed set's loss at each checkpoint)."""
     from kolors_course.lora.files import export_lora, lora_pairs_from_peft
     pairs = lora_pairs_from_peft(lora_state(unet))
     training = json.loads(meta["training"])
@@ -58,5 +59,5 @@ def finish_run(run_dir: Path, unet, cfg: TrainConfig, profile: Profile, losses: 
         w = csv.writer(f)
         w.writerow(["step", "loss"])
         w.writerows(enumerate(losses, 1))
-    plot_loss(losses, run_dir / "loss.png")
+    plot_loss(losses, run_dir / "loss.png", fixed=fixed_losses)
     return {"lora": paths["diffsynth"], "lora_kohya": paths["kohya"], "loss_curve": run_dir / "loss.png"}
