@@ -55,6 +55,14 @@ def test_validation_images_do_not_change_training(tiny, dataset_dir, tmp_path):
     assert plain.fixed_loss_after == validated.fixed_loss_after
 
 
+def test_no_validation_prompts_means_no_validation_images(tiny, dataset_dir, tmp_path):
+    """validation_prompts=() asks for no images: the run trains and exports (it once failed at the
+    end, building a grid of nothing)."""
+    res = train_lora(tiny, dataset_dir, tmp_path / "r", _cfg(tiny, validate_every=2, validation_prompts=()))
+    assert res.samples == [] and res.files["lora"].exists()
+    assert not (tmp_path / "r" / "samples").exists()
+
+
 class Stop(Exception):
     pass
 

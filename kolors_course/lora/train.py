@@ -176,6 +176,7 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
         pipe.unpin_prompts()
         if handed_back is not None:
             handed_back.restore(accelerator, cfg)
+    samples = [(step, images) for step, images in samples if images]
     res = TrainResult(run.final, state.step, state.losses, files, seconds,
                       seconds / max(state.step - start_step, 1), memory.overall, state.resumed_from, samples,
                       state.fixed_loss_before, eval_after, peak_training_gb=peaks["training_loop"],

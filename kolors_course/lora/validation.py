@@ -32,6 +32,8 @@ def validation_images(pipe, unet, cfg: TrainConfig, run_dir: Path, step: int):
     unet.train()
     if pipe.cpu_offload and device_is_gpu(pipe):
         training_placement(pipe, cfg)      # the pipeline call parked every model on the CPU
+    if not images:                  # validation_prompts=() or validation_seeds=(): no images asked for
+        return images
     folder = run_dir / "samples"
     folder.mkdir(exist_ok=True)
     image_grid(images, rows=1).save(folder / f"step-{step:06d}.png")
