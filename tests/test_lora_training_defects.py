@@ -55,6 +55,18 @@ def test_validation_images_do_not_change_training(tiny, dataset_dir, tmp_path):
     assert plain.fixed_loss_after == validated.fixed_loss_after
 
 
+def test_a_headless_training_bar_prints_a_few_lines_not_one_a_step(tiny, dataset_dir, tmp_path, monkeypatch,
+                                                                   capsys):
+    """Headless (papermill, the kit's runner) the bar prints at most every 30 seconds; the loss shown
+    on it once forced a print at every step (notebook 03's executed copy held 84 bar lines)."""
+    monkeypatch.setenv("KOLORS_COURSE_HEADLESS", "1")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)      # a silenced bar would pass for any reason
+    capsys.readouterr()
+    res = train_lora(tiny, dataset_dir, tmp_path / "r", _cfg(tiny))
+    lines = capsys.readouterr().out.count("training LoRA:")
+    assert res.steps >= 6 and lines <= 3, lines
+
+
 def test_no_validation_prompts_means_no_validation_images(tiny, dataset_dir, tmp_path):
     """validation_prompts=() asks for no images: the run trains and exports (it once failed at the
     end, building a grid of nothing)."""

@@ -59,13 +59,23 @@ _WARNING_TEXT = re.compile(r"Warning|deprecated", re.IGNORECASE)
 _BAR_TEXT = re.compile(r"\d+%\||\d+/\d+ \[|examples/s|it/s")
 
 
+#: a headless bar prints its first and last line and one at most every 30 seconds
+MAX_BAR_LINES = 6
+
+
 def output_problems(nb) -> list[str]:
     """What a learner would see that a clean lesson does not show: warnings printed
-    in a cell, and widget views that reopen broken (their state is not saved with
-    the notebook) or that are library progress bars (never saved by Jupyter)."""
+    in a cell, a headless progress bar printed line after line, and widget views that
+    reopen broken (their state is not saved with the notebook) or that are library
+    progress bars (never saved by Jupyter)."""
     saved = set(((nb.metadata.get("widgets") or {}).get(WIDGET_STATE) or {}).get("state") or {})
     problems = []
     for i, cell in enumerate(nb.cells):
+        bar_lines = [line for o in cell.get("outputs", []) if o.output_type == "stream"
+                     for line in o.text.splitlines() if _BAR_TEXT.search(line)]
+        if len(bar_lines) > MAX_BAR_LINES:
+            problems.append(f"cell {i}: {len(bar_lines)} progress-bar lines (a headless bar updates at most "
+                            f"every 30 s): {bar_lines[len(bar_lines) // 2][:80]!r}")
         for o in cell.get("outputs", []):
             if o.output_type == "stream" and o.name == "stderr" and _WARNING_TEXT.search(o.text):
                 problems.append(f"cell {i}: a warning on stderr: {o.text.strip()[:300]}")
@@ -96,11 +106,17 @@ def test_output_problems_sees_warnings_and_broken_widgets():
         new_output("display_data", data={WIDGET_VIEW: {"model_id": "ok"}, "text/plain": "Button()"}),
     ]
     nb.cells.append(cell)
+    # a bar that printed at every step (set_postfix refreshes past tqdm's mininterval)
+    flood = new_code_cell("y")
+    flood.outputs = [new_output("stream", name="stdout", text=f"training LoRA:  {k}%|#  | {k}/80 [00:01<00:09]\n")
+                     for k in range(1, 21)]
+    nb.cells.append(flood)
     nb.metadata["widgets"] = {WIDGET_STATE: {"state": {"kept": {}, "ok": {}}}}
     problems = output_problems(nb)
-    assert len(problems) == 4, problems
+    assert len(problems) == 5, problems
     assert "FutureWarning" in problems[0] and "deprecated" in problems[1]
     assert "gone" in problems[2] and "progress-bar" in problems[3]
+    assert "20 progress-bar lines" in problems[4]
 
 
 @pytest.mark.notebook

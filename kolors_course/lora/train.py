@@ -144,8 +144,10 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
                     value = sum(micro) / len(micro)      # the step's loss: the mean over its micro-batches
                     check_finite(value, params, state.step, cfg)
                     state.losses.append(value)
+                    # the loss goes into the bar's next refresh: set_postfix's own refresh would
+                    # print a headless bar at every step, past its 30-second interval
+                    bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{value:.4f}")
                     if callback is not None:
                         callback(state.step, value)
                     if main and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps):
