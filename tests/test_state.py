@@ -173,9 +173,12 @@ def test_saving_a_plot_leaves_the_plot_backend_alone(tmp_path):
         fig = show_grid([("a", Image.new("RGB", (8, 8), "red")), ("b", Image.new("RGB", (8, 8), "blue"))],
                         title="two", save_to=tmp_path / "grid.png")
         assert len(fig.axes) == 2
+        from kolors_course.lora.lessons import plot_parameter_counts
+
+        plot_parameter_counts(1000, {1: 10, 4: 40}, tmp_path / "counts.png")
         assert matplotlib.get_backend() == "svg" and plt.get_fignums() == open_before
     finally:
         matplotlib.use(before)
-    for name in ("loss.png", "sizes.png", "grid.png"):
+    for name in ("loss.png", "sizes.png", "grid.png", "counts.png"):
         with Image.open(tmp_path / name) as im:
             assert im.size[0] > 100

@@ -27,6 +27,20 @@ def image_grid(images: Sequence, rows: int | None = None, cols: int | None = Non
     return grid
 
 
+def new_figure(figsize, shown: bool = False):
+    """A matplotlib figure that leaves matplotlib's backend as it was (switching it to Agg once
+    hid every later figure of a notebook).  ``shown`` and in a notebook: pyplot's, so the inline
+    backend shows it under the cell; otherwise a pyplot-free ``Figure`` to save (no window, and
+    nothing piles up in pyplot's list of open figures)."""
+    if shown and _interactive():
+        import matplotlib.pyplot as plt
+
+        return plt.figure(figsize=figsize)
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def show_grid(items: Sequence, cols: int | None = None, title: str = "", save_to=None,
               cell_inches: float = 2.2, fontsize: int = 8):
     """A labelled matplotlib grid of ``[(label, image), ...]``; optionally saved as PNG.
@@ -42,19 +56,7 @@ def show_grid(items: Sequence, cols: int | None = None, title: str = "", save_to
         raise ValueError("show_grid got nothing to show")
     cols = cols or min(n, 4)
     rows = math.ceil(n / cols)
-    figsize = (cols * cell_inches, rows * cell_inches + 0.4)
-    if _interactive():
-        # pyplot, so that the notebook's inline backend shows the figure under the cell
-        import matplotlib.pyplot as plt
-
-        fig = plt.figure(figsize=figsize)
-    else:
-        # a script or a terminal: a Figure without pyplot, to save or display, so that the
-        # caller's plot backend is left as it was (no switch to Agg) and no window or figure
-        # piles up in pyplot's list
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=figsize)
+    fig = new_figure((cols * cell_inches, rows * cell_inches + 0.4), shown=True)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")

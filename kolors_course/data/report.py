@@ -28,11 +28,9 @@ def write_report(folder: Path, items_before, items_after, dropped, counts, sourc
 
 
 def plot_histograms(before, after, path: Path):
-    # a Figure without pyplot: saved, never shown, and the learner's plot backend left alone
-    # (switching it to Agg here hid every later figure of the notebook)
-    from matplotlib.figure import Figure
+    from kolors_course.core.images import new_figure
 
-    fig = Figure(figsize=(11, 3))
+    fig = new_figure((11, 3))           # saved with the report, never shown
     axes = fig.subplots(1, 3)
     for ax, (title, fn) in zip(axes, [("width (px)", lambda it: it.width),
                                       ("height (px)", lambda it: it.height),
@@ -55,7 +53,7 @@ def plot_preview(kept, dropped, before, sources: dict, path: Path, n_kept: int =
     A dropped image is drawn from its checked path in ``sources``; a refused one
     (a metadata path outside the folder, None there) is shown as "not opened".
     """
-    from matplotlib.figure import Figure  # saved, never shown (see plot_histograms)
+    from kolors_course.core.images import new_figure
     from PIL import Image
 
     staged = {it.id: it.file for it in before}
@@ -68,7 +66,7 @@ def plot_preview(kept, dropped, before, sources: dict, path: Path, n_kept: int =
         kind = "dropped" if f is not None else "refused"
         drows.append((kind, d.id, f if f is not None and f.is_file() else None, f"{d.stage}: {d.reason}"))
     cols = max(len(rows), len(drows), 1)
-    fig = Figure(figsize=(cols * 1.9, 2 * 2.3))
+    fig = new_figure((cols * 1.9, 2 * 2.3))
     axes = fig.subplots(2, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")

@@ -13,11 +13,9 @@ from kolors_course.lora.adapters import is_lora_target
 def plot_loss(losses: list, path: Path, smooth: int = 5, fixed=()):
     """The training loss step by step, its running mean, and ``fixed`` ((step, loss) pairs: the
     loss on a fixed set of noisy latents, the same every time, so it moves only with the weights)."""
-    # a Figure without pyplot: saved, never shown, and the learner's plot backend left alone
-    # (switching it to Agg here, during training, hid notebook 03's later figures)
-    from matplotlib.figure import Figure
+    from kolors_course.core.images import new_figure
 
-    fig = Figure(figsize=(6, 3))
+    fig = new_figure((6, 3))            # saved during training, never shown
     ax = fig.subplots()
     ax.plot(range(1, len(losses) + 1), losses, alpha=0.4, label="loss")
     if len(losses) >= smooth:
@@ -58,9 +56,10 @@ def lora_demo(d_out: int = 6, d_in: int = 8, rank: int = 2, alpha: float = 4.0, 
 
 
 def plot_parameter_counts(total: int, counts: dict, path=None, title: str = ""):
-    import matplotlib.pyplot as plt
+    from kolors_course.core.images import new_figure
 
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig = new_figure((6, 3), shown=True)
+    ax = fig.subplots()
     ranks = list(counts)
     ax.bar([str(r) for r in ranks], [counts[r] for r in ranks], label="LoRA (trainable)")
     ax.axhline(total, color="red", linestyle="--", label=f"whole UNet: {total:,}")
