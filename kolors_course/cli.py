@@ -29,7 +29,7 @@ def _parse_value(text: str):
 
 
 def cmd_run(args) -> int:
-    from kolors_course.runner import format_summary, run_notebooks
+    from kolors_course.runner import RunInterrupted, format_summary, run_notebooks
 
     params = {k: _parse_value(v) for k, v in (args.parameter or [])}
     try:
@@ -39,6 +39,15 @@ def cmd_run(args) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        print()
+        print(format_summary(stop.results))
+        r = next(x for x in stop.results if x.status == "interrupted")
+        print(f"\nSTOPPED: {r.notebook} after {r.seconds:.0f} s; what it had run so far is in {r.output}"
+              f" (an earlier finished copy, if any, is kept).\nRun the same command again to redo it: "
+              "notebook 03's LoRA training continues from its last checkpoint, and work that finished "
+              "(data set, finished LoRA runs) is reused.", file=sys.stderr)
+        return 130
     print()
     print(format_summary(results))
     failed = [r for r in results if r.status == "failed"]
@@ -51,13 +60,17 @@ def cmd_run(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from kolors_course.runner import run_batch
+    from kolors_course.runner import RunInterrupted, run_batch
 
     try:
         entries = run_batch(args.file)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        print(f"\nSTOPPED: {stop}. The sets that finished are kept; run the same command again to "
+              "redo the rest (finished LoRA runs and data sets are reused).", file=sys.stderr)
+        return 130
     print()
     width = max(len(e["name"]) for e in entries)
     for e in entries:

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,12 +22,21 @@ INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 @dataclass
 class NotebookResult:
     notebook: str
-    status: str                 # "ok", "failed", "skipped"
+    status: str                 # "ok", "failed", "interrupted", "skipped"
     seconds: float = 0.0
     output: str = ""
     cell: int | None = None
     error: str = ""
     parameters: dict = field(default_factory=dict)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during ``run_notebooks``: the summary is written first; ``results`` holds it."""
+
+    def __init__(self, results: list[NotebookResult]):
+        self.results = results
+        stopped = next(r for r in results if r.status == "interrupted")
+        super().__init__(f"{stopped.notebook} was stopped after {stopped.seconds:.0f} s")
 
 
 class NotebookFailed(RuntimeError):
@@ -124,8 +137,15 @@ def run_notebooks(notebooks: list[str] | None = None, out: str | os.PathLike = "
     declared = {p: declared_parameters(p) for p in paths}
     unknown = [k for k in parameters if not any(k in d for d in declared.values())]
     if unknown:
+        import difflib
+
+        known = sorted({k for d in declared.values() for k in d} - {"profile", "out_dir"})
+        hints = [f"{k!r}: did you mean {', '.join(map(repr, close))}?" for k in unknown
+                 if (close := difflib.get_close_matches(k, known, n=2))]
         raise ValueError(f"parameter(s) {unknown} are declared by none of "
-                         f"{[p.stem for p in paths]}; check the spelling")
+                         f"{[p.stem for p in paths]}; check the spelling"
+                         + (" (" + "; ".join(hints) + ")" if hints else "")
+                         + f". Their parameters: {', '.join(known) or 'none'}")
     results: list[NotebookResult] = []
     # the kernels inherit these: headless bars, the project root (a learner's own wins), and
     # Jupyter's inline plot backend, so the executed notebooks keep their figures as a learner's
@@ -140,25 +160,39 @@ def run_notebooks(notebooks: list[str] | None = None, out: str | os.PathLike = "
             if not quiet:
                 print(f"[{i + 1}/{len(paths)}] {nb.stem} ...", flush=True)
             t0 = time.perf_counter()
+            # executed into a working copy: the copy from an earlier run that finished stays in
+            # place until this one finishes too; a failed or stopped run keeps its copy beside it
+            running = target.with_name(f"{nb.stem}.running.ipynb")
             res = NotebookResult(nb.stem, "ok", output=relative_to_root(target), parameters=params)
             try:
-                pm.execute_notebook(str(nb), str(target), parameters=params, kernel_name=kernel_name,
-                                    cwd=str(nb.parent), progress_bar=False, log_output=log_output,
-                                    execution_timeout=cell_timeout,
-                                    kernel_manager_class=kernel_manager_class())
+                with _sigterm_as_interrupt():
+                    pm.execute_notebook(str(nb), str(running), parameters=params, kernel_name=kernel_name,
+                                        cwd=str(nb.parent), progress_bar=False, log_output=log_output,
+                                        execution_timeout=cell_timeout,
+                                        kernel_manager_class=kernel_manager_class())
             except PapermillExecutionError as exc:
                 # exec_count is the [n] shown in the executed copy (papermill's
                 # injected-parameters cell counts too)
                 res.status, res.cell = "failed", exc.exec_count
-                first = (exc.source or "").strip().splitlines()[:1]
-                res.error = f"{exc.ename}: {exc.evalue}" + (f"  (in `{first[0][:80]}`)" if first else "")
+                line = failing_line(exc)
+                res.error = f"{exc.ename}: {exc.evalue}" + (f"  (at `{line[:80]}`)" if line else "")
+            except KeyboardInterrupt:
+                res.status, res.error = "interrupted", "stopped (Ctrl-C or SIGTERM)"
             except Exception as exc:   # kernel died, timeout, bad notebook
                 res.status, res.error = "failed", f"{type(exc).__name__}: {exc}"
             res.seconds = round(time.perf_counter() - t0, 1)
+            kept = _keep_executed_copy(running, target, res.status)
+            if kept is not None:
+                res.output = relative_to_root(kept)
             results.append(res)
             if not quiet:
                 print(f"      {res.status} in {res.seconds:.1f} s" +
                       (f" -- cell {res.cell}: {res.error}" if res.status == "failed" else ""), flush=True)
+            if res.status == "interrupted":
+                results += [NotebookResult(rest.stem, "skipped", error=f"not run: {nb.stem} was stopped")
+                            for rest in paths[i + 1:]]
+                write_summary(results, out_dir, profile)
+                raise RunInterrupted(results)
             if res.status == "failed" and stop_on_error:
                 for rest in paths[i + 1:]:
                     results.append(NotebookResult(rest.stem, "skipped",
@@ -169,11 +203,81 @@ def run_notebooks(notebooks: list[str] | None = None, out: str | os.PathLike = "
 
 
 def write_summary(results: list[NotebookResult], out_dir: Path, profile: str) -> Path:
-    data = {"profile": profile, "results": [asdict(r) for r in results],
-            "total_seconds": round(sum(r.seconds for r in results), 1)}
+    """``out_dir/summary.json``: this run's results, merged into the summary already there
+    for the same profile (running ``03`` alone into a course folder updates its entry and keeps
+    the other notebooks'); a summary of another profile is replaced."""
     path = out_dir / "summary.json"
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    entries: dict[str, dict] = {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("profile") == profile:
+            entries = {e["notebook"]: e for e in old.get("results", []) if isinstance(e, dict) and "notebook" in e}
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass      # none yet, or unreadable: this run's results alone
+    finished = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for r in results:
+        if r.status == "skipped" and r.notebook in entries:
+            continue      # not run this time: what the last run of it said still holds
+        entries[r.notebook] = asdict(r) | {"finished": finished}
+    ordered = [entries[k] for k in sorted(entries)]
+    data = {"profile": profile, "results": ordered,
+            "total_seconds": round(sum(e.get("seconds", 0) for e in ordered), 1)}
+    tmp = path.with_name(".summary.json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
     return path
+
+
+def _keep_executed_copy(running: Path, target: Path, status: str) -> Path | None:
+    """Moves a run's working copy into place: over ``target`` when the run finished, else beside
+    it as ``NAME.failed.ipynb`` / ``NAME.interrupted.ipynb``.  Returns where it went (None: papermill
+    wrote nothing, e.g. a notebook that did not open)."""
+    if not running.exists():
+        return None
+    if status == "ok":
+        dest = target
+        for stale in ("failed", "interrupted"):
+            target.with_name(f"{target.stem}.{stale}.ipynb").unlink(missing_ok=True)
+    else:
+        dest = target.with_name(f"{target.stem}.{status}.ipynb")
+    os.replace(running, dest)
+    return dest
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failing_line(exc) -> str:
+    """The notebook line a ``PapermillExecutionError`` was raised at: the last ``---->`` line of
+    the traceback's frames in the cell itself (``Cell In[n]``), not the cell's first line."""
+    line = ""
+    for frame in getattr(exc, "traceback", None) or []:
+        text = _ANSI.sub("", str(frame))
+        if "Cell In[" not in text:
+            continue
+        for row in text.splitlines():
+            if row.lstrip().startswith("---->"):
+                line = row.split("---->", 1)[1].strip()
+                line = re.sub(r"^\d+\s*", "", line)      # the line number IPython prints
+    return line
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a ``timeout``, a closed job) stops a run as Ctrl-C does, so the summary still gets
+    written; the previous handler is put back.  Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def format_summary(results: list[NotebookResult]) -> str:

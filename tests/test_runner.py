@@ -1,4 +1,5 @@
 
+import json
 import os
 
 import nbformat
@@ -19,12 +20,67 @@ def _notebook(path, body):
 
 
 def test_failure_names_notebook_cell_and_error(tmp_path, capsys):
-    nb = _notebook(tmp_path / "99_broken.ipynb", "assert answer == 2, 'answer must be 2'")
+    nb = _notebook(tmp_path / "99_broken.ipynb", "y = 2\nz = y + 1\nassert answer == 2, 'answer must be 2'\nw = 3")
     code = cli.main(["run", str(nb), "--out", str(tmp_path / "out")])
     assert code == 1
     err = capsys.readouterr().err
-    assert "99_broken" in err and "cell 4" in err and "assert answer == 2" in err and "answer must be 2" in err
-    assert (tmp_path / "out" / "notebooks" / "99_broken.ipynb").exists()
+    assert "99_broken" in err and "cell 4" in err and "answer must be 2" in err
+    # the line that raised, not the cell's first line
+    assert "at `assert answer == 2" in err and "y = 2" not in err
+    failed = tmp_path / "out" / "notebooks" / "99_broken.failed.ipynb"
+    assert failed.exists() and failed.name in err
+
+
+def test_a_rerun_that_fails_keeps_the_finished_copy_and_the_summary_keeps_the_other_notebooks(tmp_path):
+    first = _notebook(tmp_path / "01_first.ipynb", "pass")
+    second = _notebook(tmp_path / "02_second.ipynb", "assert answer == 1, 'answer must be 1'\nprint('done')")
+    out = tmp_path / "out"
+    assert [r.status for r in runner.run_notebooks([str(first), str(second)], out=out, quiet=True)] == ["ok", "ok"]
+    done = out / "notebooks" / "02_second.ipynb"
+    before = done.read_bytes()
+    # 02 alone, with a value that fails it
+    results = runner.run_notebooks([str(second)], out=out, parameters={"answer": 5}, quiet=True)
+    assert results[0].status == "failed" and results[0].output.endswith("02_second.failed.ipynb")
+    assert done.read_bytes() == before
+    assert (out / "notebooks" / "02_second.failed.ipynb").exists()
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert {e["notebook"]: e["status"] for e in summary["results"]} == {"01_first": "ok", "02_second": "failed"}
+    # fixed: the finished copy is replaced and the failed one goes
+    assert runner.run_notebooks([str(second)], out=out, quiet=True)[0].status == "ok"
+    assert not (out / "notebooks" / "02_second.failed.ipynb").exists()
+    assert not list((out / "notebooks").glob("*.running.ipynb"))
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert [e["status"] for e in summary["results"]] == ["ok", "ok"]
+
+
+def test_a_stopped_run_writes_its_summary_says_how_to_go_on_and_leaves_no_kernel(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    nb = _notebook(tmp_path / "96_slow.ipynb", "import time\nprint('started', flush=True)\ntime.sleep(120)")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "kolors_course.cli", "run", str(nb), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    running = out / "notebooks" / "96_slow.running.ipynb"
+    deadline = time.time() + 120
+    while time.time() < deadline and "started" not in (running.read_text() if running.exists() else ""):
+        time.sleep(0.5)
+    assert running.exists(), "the kernel never started the slow cell"
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "STOPPED: 96_slow" in stderr and "same command again" in stderr
+    assert "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["results"][0]["status"] == "interrupted"
+    assert (out / "notebooks" / "96_slow.interrupted.ipynb").exists() and not running.exists()
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]
 
 
 def test_parameters_are_injected(tmp_path):
@@ -37,7 +93,8 @@ def test_parameters_are_injected(tmp_path):
 def test_unknown_parameter_is_refused(tmp_path, capsys):
     nb = _notebook(tmp_path / "97.ipynb", "pass")
     assert cli.main(["run", str(nb), "-p", "ansewr", "3", "--out", str(tmp_path / "o")]) == 2
-    assert "ansewr" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ansewr" in err and "did you mean 'answer'" in err
 
 
 def test_later_notebooks_are_skipped_after_a_failure(tmp_path):

@@ -199,3 +199,35 @@ def test_scorer_takes_the_threshold(tiny, tiny_pipe):
     high = scoring.AestheticScorer(tiny, threshold=10).score(imgs)
     assert low.per_image == high.per_image
     assert low.valid and not high.valid and low.threshold == 0 and high.threshold == 10
+
+
+def test_a_second_bundle_keeps_the_first_one_beside_it(flow, tmp_path):
+    """Notebook 04 run again (say, at another lora_scale) into the same folder: the bundle a team
+    may already have uploaded is kept as <name>.previous, not deleted."""
+    import shutil
+
+    from kolors_course.story import gallery, scoring
+
+    src = flow["bundle"]
+    parent = tmp_path / "out"
+    parent.mkdir()
+    first = parent / src.name
+    shutil.copytree(src, first)
+    image = (first / "images" / "01.png").read_bytes()
+    records = [dict(r) for r in flow["records"]]
+    records[0]["image"] = records[0]["image"].transpose(0)       # a different first picture
+    lora = {k: src / f"{k}.safetensors" for k in ("lora", "lora_kohya")}
+    again = gallery.write_bundle(parent, "测试队", flow["tale"], records, scoring.Scores([5.0] * 8, 5.0, 6.0, False),
+                                 lora, flow["meta"], {"lora_scale": 1.5, **_settings(flow)},
+                                 src / "grid.png", src / "gallery.html")
+    assert again == first
+    assert (first / "images" / "01.png").read_bytes() != image
+    kept = parent / f"{src.name}.previous"
+    assert (kept / "images" / "01.png").read_bytes() == image
+    assert json.loads((kept / "manifest.json").read_text(encoding="utf-8"))["files_sha256"]
+
+
+def _settings(flow):
+    from kolors_course.story.stories import generation_settings
+
+    return {k: v for k, v in generation_settings(flow["tale"], TINY).items() if k != "lora_scale"}

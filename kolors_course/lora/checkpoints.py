@@ -27,6 +27,10 @@ import torch
 
 from kolors_course.core.paths import project_path, relative_to_root
 from kolors_course.lora.adapters import all_finite, load_lora_state, lora_state
+
+#: how a message tells a learner to train a run again from scratch: train_lora's argument, and the
+#: notebook 03 parameter that sets it
+FRESH_RUN = "overwrite=True (notebook 03: retrain = True)"
 from kolors_course.lora.config import TrainConfig, TrainResult, TrainingError, changed_settings, config_record
 from kolors_course.lora.data import dataset_fingerprint
 
@@ -97,7 +101,7 @@ def check_resumable(ckpt: Path, state: dict, cfg: TrainConfig, dataset: str) -> 
             f"{relative_to_root(ckpt)} was trained with other settings, so resuming would not continue "
             "the same run:\n  - " + "\n  - ".join(problems) +
             "\nUse the checkpoint's settings to resume, or start a fresh run (another run_name, or "
-            "overwrite=True).")
+            f"{FRESH_RUN}).")
 
 
 def load_checkpoint(ckpt: Path, state: dict, unet, optimizer, lr_schedule, gen, stream) -> RunState:
@@ -143,7 +147,7 @@ def load_finished_run(run_dir: Path, cfg: TrainConfig, rows) -> TrainResult:
         problems.append("the training set changed since it was trained")
     if problems:
         raise TrainingError(f"{relative_to_root(run_dir)} holds a finished LoRA trained differently:\n  - "
-                            + "\n  - ".join(problems) + "\nChoose another run_name, or overwrite=True to "
+                            + "\n  - ".join(problems) + f"\nChoose another run_name, or {FRESH_RUN} to "
                             "train it again with these settings.")
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     with (run_dir / "loss.csv").open(encoding="utf-8", newline="") as f:
@@ -153,7 +157,7 @@ def load_finished_run(run_dir: Path, cfg: TrainConfig, rows) -> TrainResult:
         with Image.open(png) as im:
             samples.append((int(png.stem.split("-")[1]), [im.convert("RGB")]))
     print(f"{relative_to_root(run_dir)} is already trained with these settings: using it as it is "
-          "(overwrite=True trains it again)")
+          f"({FRESH_RUN} trains it again)")
     steps = summary["steps"]
     return TrainResult(run_dir, steps, losses, {k: project_path(v) for k, v in summary["files"].items()},
                        summary["seconds"], summary["seconds_per_step"], summary["peak_memory_gb"],
@@ -206,11 +210,11 @@ def open_run(final: Path, cfg: TrainConfig, rows, resume="auto", overwrite: bool
             return RunFolder(final, folder, finished=load_finished_run(folder, cfg, rows))
         if run_finished(folder):
             raise TrainingError(f"{relative_to_root(folder)} already holds a finished LoRA; choose another "
-                                "run_name, or pass overwrite=True to train it again")
+                                f"run_name, or {FRESH_RUN} to train it again")
     ckpts = list_checkpoints(folder)
     if ckpts and resume is False:
         raise TrainingError(f"{relative_to_root(folder)} has checkpoints; pass resume=True to continue "
-                            "them, overwrite=True to start afresh, or choose another run_name")
+                            f"them, {FRESH_RUN} to start afresh, or choose another run_name")
     if resume is True and not ckpts:
         raise TrainingError(f"nothing to resume in {relative_to_root(folder)}: no checkpoint found")
     return RunFolder(final, folder, checkpoint=ckpts[-1] if ckpts else None)

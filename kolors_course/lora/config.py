@@ -191,8 +191,9 @@ class TrainResult:
     def summary(self) -> str:
         first = sum(self.losses[:5]) / max(len(self.losses[:5]), 1)
         last = sum(self.losses[-5:]) / max(len(self.losses[-5:]), 1)
-        lines = [f"trained {self.steps} steps in {self.seconds:.1f} s ({self.seconds_per_step:.3f} s/step)"
-                 + (f", resumed from step {self.resumed_from}" if self.resumed_from else ""),
+        lines = [(f"trained steps {self.resumed_from + 1}-{self.steps} in {self.seconds:.1f} s, resumed from the "
+                  f"checkpoint at step {self.resumed_from}" if self.resumed_from else
+                  f"trained {self.steps} steps in {self.seconds:.1f} s") + f" ({self.seconds_per_step:.3f} s/step)",
                  f"training loss (noisy): first steps {first:.4f} -> last steps {last:.4f}",
                  (f"loss on a fixed set: {self.fixed_loss_before:.4f} before -> {self.fixed_loss_after:.4f} after"
                   if self.fixed_loss_before is not None else

@@ -27,7 +27,7 @@ from kolors_course.core.progress import progress
 from kolors_course.core.paths import project_path, relative_to_root
 from kolors_course.core.profiles import Profile
 from kolors_course.lora.adapters import add_lora, all_finite, make_optimizer, remove_lora
-from kolors_course.lora.checkpoints import (RunState, check_resumable, close_run, load_checkpoint, open_run,
+from kolors_course.lora.checkpoints import (FRESH_RUN, RunState, check_resumable, close_run, load_checkpoint, open_run,
                                             read_checkpoint, save_checkpoint, write_json)
 from kolors_course.lora.config import TrainConfig, TrainingError, TrainResult, config_record, resolve_precision
 from kolors_course.lora.data import SampleStream, check_data, dataset_fingerprint, prepare_data
@@ -233,7 +233,7 @@ def check_finite(value: float, params, step: int, cfg: TrainConfig) -> None:
         raise TrainingError(
             f"the loss became {value} at step {step} (or the weights NaN/infinite): training "
             f"diverged. Lower learning_rate (now {cfg.learning_rate}), e.g. to "
-            f"{cfg.learning_rate / 10:g}, and start afresh (overwrite=True or another run_name). "
+            f"{cfg.learning_rate / 10:g}, and start afresh ({FRESH_RUN}, or another run_name). "
             "Nothing was exported; the checkpoints kept hold finite weights from before.")
 
 
@@ -246,6 +246,6 @@ def checked_fixed_loss(unet, data, pipe, noise_schedule, cfg: TrainConfig, step:
         raise TrainingError(
             f"the weights after step {step} give a loss of {probe} on a fixed probe: "
             f"training diverged. Lower learning_rate (now {cfg.learning_rate}), e.g. to "
-            f"{cfg.learning_rate / 10:g}, and start afresh (overwrite=True or another run_name). "
+            f"{cfg.learning_rate / 10:g}, and start afresh ({FRESH_RUN}, or another run_name). "
             "Nothing was exported; the checkpoints kept are from before.")
     return probe

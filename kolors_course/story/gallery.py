@@ -243,7 +243,9 @@ def write_bundle(dest_parent: Path, team: str, story, records: list, scores, lor
                  lora_meta: dict, settings: dict, grid: Path, gallery: Path,
                  modelscope_user: str | None = None) -> Path:
     """Everything the challenge asks for, in one folder, with a manifest of hashes and versions,
-    and ``UPLOAD.md``: the ModelScope upload call and the discussion post, ready to paste."""
+    and ``UPLOAD.md``: the ModelScope upload call and the discussion post, ready to paste.
+
+    A bundle already there is moved to ``<name>.previous`` (one generation kept), not deleted."""
     from kolors_course.setup.envinfo import environment_report
 
     name = team_folder_name(team, Path(story.source).stem or "story")
@@ -284,7 +286,11 @@ def write_bundle(dest_parent: Path, team: str, story, records: list, scores, lor
         "python": env["python"], "torch": env.get("torch"), "packages": env["packages"],
         "files_sha256": files}, indent=2, ensure_ascii=False), encoding="utf-8")
     if final.exists():
-        shutil.rmtree(final)
+        # a bundle made before (say, at another lora_scale) is what a team may have uploaded:
+        # kept one generation back rather than deleted
+        previous = dest_parent / f"{name}.previous"
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)
     os.replace(tmp, final)
     return final
 
