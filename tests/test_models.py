@@ -142,3 +142,19 @@ def test_offload_memory_mode_runs_the_same_path_and_gives_the_same_image(tiny, t
     a = np.asarray(generate(off, "一个红色的圆形", seed=5))
     b = np.asarray(generate(tiny_pipe, "一个红色的圆形", seed=5))
     assert np.array_equal(a, b)
+
+
+def test_a_first_load_on_a_fresh_cache_prints_no_library_notices(tmp_path):
+    """Notebook 00's first load fills the cache (the text encoder rebuilt from its seed): nothing of
+    the libraries' own chatter may reach the learner's first notebook (it printed transformers'
+    "`torch_dtype` is deprecated" twice)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import kolors_course as kc; kc.load_pipeline(kc.choose_profile('tiny', verbose=False))"
+    env = dict(os.environ, KOLORS_COURSE_CACHE=str(tmp_path / "cache"), PYTHONWARNINGS="default")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    noise = [line for line in done.stderr.splitlines() if line.strip() and "pynvml" not in line]
+    assert not noise, noise

@@ -350,8 +350,13 @@ def _new_text_encoder():
     """A tiny ChatGLM of ``text_encoder_config`` with the library's own initial weights."""
     from diffsynth.models.kolors_text_encoder import ChatGLMConfig, ChatGLMModel
 
+    from kolors_course.models.loading import _no_torch_dtype_notice
+
     cfg = text_encoder_config()
-    return ChatGLMModel(ChatGLMConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}))
+    # DiffSynth's ChatGLM reads config.torch_dtype, which makes transformers print its
+    # "torch_dtype is deprecated" notice: into a learner's first notebook, on a fresh cache
+    with _no_torch_dtype_notice():
+        return ChatGLMModel(ChatGLMConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}))
 
 
 def _text_encoder_state(weights=None, model=None) -> dict:
