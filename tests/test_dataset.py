@@ -505,3 +505,25 @@ def test_the_synthetic_set_is_the_tiny_world_in_the_look_only_the_lora_sees(tmp_
         assert np.abs(pastels - corner).sum(1).min() < np.abs(base - corner).sum(1).min(), p.name
         text = p.with_suffix(".txt").read_text(encoding="utf-8")
         assert any(w in text for w in vocabulary()), text
+
+
+def test_the_synthetic_sources_greyscale_files_have_captions_true_of_them(tmp_path):
+    """Files stored greyscale (to exercise the cleaning) show black-and-white scenes, so no caption
+    names a colour the picture cannot have (they once named red, blue, ... on grey pictures)."""
+    from PIL import Image
+
+    from kolors_course.data.sources import make_synthetic_source
+    from kolors_course.world.scenes import COLOURS, PAINTERS
+
+    src = make_synthetic_source(tmp_path / "src", n=24, base=64)
+    grey = 0
+    for png in sorted(src.glob("img_*.png")):
+        with Image.open(png) as im:
+            if im.mode not in ("L", "I;16"):
+                continue
+        grey += 1
+        text = png.with_suffix(".txt").read_text(encoding="utf-8")
+        named = {c for c in COLOURS if c.removesuffix("色") in text}
+        assert named <= {"白色", "黑色"}, (png.name, text)
+        assert not any(p and p in text for p in PAINTERS), (png.name, text)
+    assert grey >= 6

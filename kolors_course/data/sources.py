@@ -242,8 +242,10 @@ def download_modelscope(dataset_id: str, dest: Path, subset: str = "default", sp
 
 
 # --- synthetic ---------------------------------------------------------------------
-def _draw(size, seed, lora_style: bool = True):
+def _draw(size, seed, lora_style: bool = True, grey: bool = False):
     """A picture of the tiny world (``kolors_course.world``) at ``size`` (w, h) and its caption.
+    ``grey``: a white shape on black or a black one on white, no painter, for the files stored
+    greyscale, so that their captions stay true of them.
 
     The scene is drawn square at the shorter side and centred on its background colour, so a
     centre crop (what LoRA training takes) gives the world's own picture back.  By default in
@@ -256,6 +258,11 @@ def _draw(size, seed, lora_style: bool = True):
 
     rng = random.Random(f"synthetic:{seed}")
     scene = random_scene(rng)
+    if grey:
+        import dataclasses
+
+        shape_colour, background = rng.sample(["白色", "黑色"], 2)
+        scene = dataclasses.replace(scene, colour=shape_colour, background=background, painter="")
     w, h = size
     side = min(w, h)
     square = render(scene, size=side, seed=seed, lora_style=lora_style)
@@ -298,8 +305,10 @@ def make_synthetic_source(dest: str | os.PathLike, n: int = 24, seed: int = 0, b
 
     for i in range(n):
         size = sizes[i % len(sizes)]
-        img, cap = _draw(size, seed * 1000 + i)
         mode = modes[i % len(modes)]
+        # the files stored greyscale show a black-and-white scene: a colour caption on a grey
+        # picture would teach the LoRA a caption that lies
+        img, cap = _draw(size, seed * 1000 + i, grey=mode in ("L", "I;16"))
         stem = f"img_{i:03d}"
         if mode == "RGB":
             save(f"{stem}.jpg", img, cap, quality=92)
