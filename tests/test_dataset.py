@@ -527,3 +527,38 @@ def test_the_synthetic_sources_greyscale_files_have_captions_true_of_them(tmp_pa
         assert named <= {"白色", "黑色"}, (png.name, text)
         assert not any(p and p in text for p in PAINTERS), (png.name, text)
     assert grey >= 6
+
+
+def test_template_captions_name_light_colours_by_their_hue():
+    """The template's 色调 is the colour most pixels have, named by hue: light and muted colours
+    keep their names (light green was named pink, light blue white: nearest saturated entry)."""
+    from PIL import Image
+
+    from kolors_course.data.clean import image_facts
+
+    cases = {(167, 208, 170): "绿色调", (170, 200, 240): "蓝色调", (240, 230, 150): "黄色调",
+             (200, 170, 230): "紫色调", (240, 180, 200): "粉色调", (220, 45, 45): "红色调",
+             (128, 128, 128): "灰色调", (250, 250, 250): "白色调"}
+    for rgb, name in cases.items():
+        assert image_facts(Image.new("RGB", (64, 64), rgb))["color"] == name, rgb
+    # a red shape on a large light-blue ground: the ground's colour, not the mean of the two
+    img = Image.new("RGB", (64, 64), (170, 200, 240))
+    img.paste((220, 45, 45), (24, 24, 40, 40))
+    assert image_facts(img)["color"] == "蓝色调"
+
+
+def test_a_folder_whose_template_captions_all_match_gets_a_note(tmp_path, capsys):
+    src = tmp_path / "src"
+    for i in range(4):     # four blue squares of other sizes (not duplicates of each other)
+        _img(src / f"{i}.jpg", size=(64 + 8 * i, 64 + 8 * i), colour=(20, 20, 200 + 10 * i), quality=95)
+    build_training_set(str(src), tmp_path / "o", recipe=Recipe(min_width=8, min_height=8),
+                       captions=Captions(trigger="T"))
+    out = capsys.readouterr().out
+    assert "4 of the 4 captions made from the template are the same text" in out
+    # different colours, different captions: no note
+    src2 = tmp_path / "src2"
+    for i, c in enumerate([(20, 20, 200), (20, 200, 20), (200, 20, 20), (240, 230, 150)]):
+        _img(src2 / f"{i}.jpg", colour=c, quality=95)
+    build_training_set(str(src2), tmp_path / "o2", recipe=Recipe(min_width=8, min_height=8),
+                       captions=Captions(trigger="T"))
+    assert "captions made from the template" not in capsys.readouterr().out

@@ -102,6 +102,22 @@ def resolve_source(source: str, workdir: Path, limit: int | None, seed: int, bas
                        "such as 'AI-ModelScope/lowres_anime'")
 
 
+def _note_repeated_template_captions(items) -> None:
+    """Says so when most captions made from the template are one and the same text: a template
+    names only orientation and colour, and identical captions tell a LoRA nothing about what
+    differs between the pictures (the original course's one caption for every image)."""
+    from collections import Counter
+
+    made = [it.caption for it in items if "caption from template" in it.notes]
+    if len(made) < 3:
+        return
+    text, n = Counter(made).most_common(1)[0]
+    if n >= 3 and n * 2 > len(made):
+        print(f"note: {n} of the {len(made)} captions made from the template are the same text ({text!r}): "
+              "the words cannot tell those pictures apart. Write a caption for each (a .txt beside the "
+              "image, or metadata.csv), or edit them in notebook 02's caption editor.")
+
+
 def build_training_set(source: str, out: str | os.PathLike, recipe: Recipe | None = None,
                        captions: Captions | None = None, limit: int | None = None, seed: int = 0,
                        synthetic_size: int = 64, verbose: bool = False) -> BuildResult:
@@ -155,6 +171,7 @@ def build_training_set(source: str, out: str | os.PathLike, recipe: Recipe | Non
             it.caption = text
             captioned.append(it)
         kept = captioned
+        _note_repeated_template_captions(kept)
         counts.append(("captions", len(kept)))
         if not kept:
             raise DatasetError(_nothing_left("before filtering", dropped))

@@ -49,28 +49,48 @@ def dropped_by_stage(dropped) -> dict[str, int]:
     return out
 
 
-#: colours a photo's tone may have beyond the tiny world's eight (kolors_course.world.scenes.COLOURS)
-_PHOTO_TONES = {"灰色": (128, 128, 128), "棕色": (120, 80, 40), "粉色": (240, 160, 190)}
+#: hue bands (degrees, start of each band) and their names; the eight colours of the tiny world
+#: (kolors_course.world.scenes.COLOURS) fall inside their own band
+_HUE_BANDS = ((15, "橙色"), (42, "黄色"), (70, "绿色"), (170, "蓝色"), (255, "紫色"), (290, "粉色"), (345, "红色"))
 
 
-def _tone_names() -> dict:
-    from kolors_course.world.scenes import COLOURS
+def tone_names(rgb) -> "np.ndarray":
+    """The colour name of each RGB value (an N x 3 array): by hue, so that a light or muted colour
+    keeps its name (light green is 绿色, not the nearest saturated palette entry, which was pink);
+    white, grey and black by brightness where there is little colour; light red is 粉色 and dark
+    orange or red 棕色."""
+    import numpy as np
 
-    return {**COLOURS, **_PHOTO_TONES}
+    x = np.asarray(rgb, dtype=np.float32).reshape(-1, 3) / 255.0
+    hi, lo = x.max(axis=1), x.min(axis=1)
+    chroma = hi - lo
+    safe = np.where(chroma > 0, chroma, 1.0)
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    hue = np.where(hi == r, ((g - b) / safe) % 6, np.where(hi == g, (b - r) / safe + 2, (r - g) / safe + 4)) * 60.0
+    names = np.full(len(x), "红色", dtype=object)           # hue 345-360 and 0-15
+    for start, name in _HUE_BANDS[:-1]:
+        names[hue >= start] = name
+    names[hue >= _HUE_BANDS[-1][0]] = "红色"
+    sat = chroma / np.maximum(hi, 1e-6)
+    warm = np.isin(names, ("红色", "橙色"))
+    names[(names == "红色") & (sat < 0.5) & (hi > 0.75)] = "粉色"
+    names[warm & (hi < 0.55)] = "棕色"
+    grey = (sat < 0.15) | (chroma < 0.08)
+    names[grey] = np.where(hi[grey] > 0.78, "白色", np.where(hi[grey] < 0.25, "黑色", "灰色"))
+    return names
 
 
 def image_facts(img) -> dict:
-    """Orientation and dominant colour, in Chinese, for caption templates."""
+    """Orientation and dominant colour (the name most pixels have), in Chinese, for caption templates."""
     w, h = img.size
     orientation = "横构图" if w > h * 1.1 else "竖构图" if h > w * 1.1 else "方构图"
-    factor = max(1, min(w, h) // 16)
+    factor = max(1, min(w, h) // 32)
     small = img.convert("RGB").reduce(factor) if factor > 1 else img.convert("RGB")
     import numpy as np
 
-    # mean colour from the raw RGB bytes (Image.getdata is deprecated in Pillow 12)
-    r, g, b = np.frombuffer(small.tobytes(), dtype=np.uint8).reshape(-1, 3).mean(axis=0).tolist()
-    names = _tone_names()
-    colour = min(names, key=lambda k: sum((a - c) ** 2 for a, c in zip(names[k], (r, g, b))))
+    # from the raw RGB bytes (Image.getdata is deprecated in Pillow 12)
+    names, counts = np.unique(tone_names(np.frombuffer(small.tobytes(), dtype=np.uint8)), return_counts=True)
+    colour = str(names[int(np.argmax(counts))])
     return {"orientation": orientation, "color": f"{colour[:-1]}色调"}     # 红色 -> 红色调
 
 
