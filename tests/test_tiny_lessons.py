@@ -226,6 +226,37 @@ def test_the_colour_layout_follows_the_colour_condition(control):
     assert c["1"] <= 0.5 * c["0"], c
 
 
+def test_notebook_05s_reference_moves_the_star_where_the_prompt_cannot():
+    """Notebook 05 on tiny, as it runs: the story's scene 2 asks for the star on the right, which the
+    UNet (deaf to place words) draws left of centre; the profile's reference, a star on the right,
+    moves it right under either condition, and both measures improve from strength 0 to 1."""
+    from kolors_course.control.conditions import extract_condition, load_reference
+    from kolors_course.control.measure import colour_layout_error, edge_overlap
+    from kolors_course.core.profiles import choose_profile
+    from kolors_course.generation.text2image import generate
+    from kolors_course.models.loading import load_pipeline
+    from kolors_course.story.stories import generation_settings, load_story
+    from kolors_course.world.judge import judge
+
+    prof = choose_profile("tiny")
+    tale = load_story(prof.story)
+    settings = generation_settings(tale, prof)
+    ref, _ = load_reference(prof.reference, width=settings["width"], height=settings["height"])
+    assert judge(ref).position == "右边"
+    cpipe = load_pipeline(prof, controlnet=True)
+    look = dict(negative_prompt=tale.negative, seed=tale.scenes[0].seed, cfg_scale=settings["cfg_scale"],
+                steps=settings["steps"], height=settings["height"], width=settings["width"])
+    alone = judge(generate(cpipe, tale.prompt(1), **look))
+    assert alone.centre_x < 0.5, alone
+    for kind, measure, better in (("canny", edge_overlap, max), ("colour", colour_layout_error, min)):
+        cond = extract_condition(ref, kind)
+        pics = {s: generate(cpipe, tale.prompt(1), control_image=cond, control=kind, control_strength=s, **look)
+                for s in (0.0, 1.0)}
+        assert judge(pics[1.0]).centre_x > 0.55, (kind, judge(pics[1.0]))
+        scores = {s: measure(p, cond) for s, p in pics.items()}
+        assert better(scores.values()) == scores[1.0] != scores[0.0], (kind, scores)
+
+
 def test_which_words_the_shipped_unet_reads(pipe):
     """One level below the pictures (README "The tiny world"): the shipped UNet reads the
     background's colour word where the background is, and what the wrong captions cost is finite

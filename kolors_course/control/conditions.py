@@ -213,7 +213,7 @@ def condition_grid(reference, names=("canny", "colour", "depth", "pose", "softed
     fig = show_grid(items, cols=len(items), title=title, save_to=save_to)
     by_reason: dict[str, list[str]] = {}        # one line for conditions missing the same thing
     for name, reason in why.items():
-        by_reason.setdefault(reason.replace(f"the {name} condition", "these conditions"), []).append(name)
+        by_reason.setdefault(reason.replace(f"the {name} condition needs", "these conditions need"), []).append(name)
     for reason, names in by_reason.items():
         print(f"{', '.join(names)}: {reason if len(names) > 1 else why[names[0]]}")
     return fig, made, why
