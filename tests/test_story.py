@@ -346,3 +346,16 @@ def test_batch_file_errors(tmp_path):
     p.write_text("sets: [{name: a}, {name: a}]\n")
     with pytest.raises(ValueError, match="twice"):
         runner.load_batch_file(p)
+
+
+def test_a_real_models_story_on_tiny_gets_a_note_and_the_tiny_story_none(capsys):
+    """A class batch once told ink_fox on tiny: eight near-blank pictures and no word why."""
+    from kolors_course.core.profiles import choose_profile
+    from kolors_course.story.stories import generation_settings, load_story
+
+    tiny, kolors = choose_profile("tiny", verbose=False), choose_profile("kolors", verbose=False)
+    generation_settings(load_story("ink_fox"), tiny)
+    assert "written for a real model" in capsys.readouterr().out
+    generation_settings(load_story("little_star"), tiny)
+    generation_settings(load_story("ink_fox"), kolors)
+    assert capsys.readouterr().out == ""

@@ -146,9 +146,27 @@ def parse_story(data, source: str = "", require: int = CHALLENGE_SCENES) -> Stor
                  (negative or "").strip(), scenes, dict(settings), source)
 
 
+def outside_the_tiny_world(story: Story, profile) -> str | None:
+    """A note when ``profile``'s models are the tiny world's and the story's character names none of
+    its shapes: its pictures will show nothing of the story (None: nothing to say)."""
+    if profile.model_source != "tiny":
+        return None
+    from kolors_course.world.scenes import SHAPES
+
+    if any(shape in story.character for shape in SHAPES):
+        return None
+    return (f"note: {story.title!r} is written for a real model: the tiny models know only the tiny world's "
+            f"words (shapes {'/'.join(SHAPES)}, colours, {{颜色}}背景), so its pictures will be near-blank. "
+            "On tiny use the profile's story (little_star) or write one in those words.")
+
+
 def generation_settings(story: Story, profile) -> dict:
     """The story's settings where the profile takes them (``story_sizes``: kolors); elsewhere
-    (tiny, the CPU rehearsal) the profile's sizes and steps, with the story's cfg and LoRA scale."""
+    (tiny, the CPU rehearsal) the profile's sizes and steps, with the story's cfg and LoRA scale.
+    Prints a note when the story's words are outside the tiny world's (``outside_the_tiny_world``)."""
+    note = outside_the_tiny_world(story, profile)
+    if note:
+        print(note)
     s = {"height": profile.height, "width": profile.width, "steps": profile.steps,
          "cfg_scale": profile.cfg_scale, "lora_scale": 1.0}
     if not profile.story_sizes:
