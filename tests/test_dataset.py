@@ -562,3 +562,13 @@ def test_a_folder_whose_template_captions_all_match_gets_a_note(tmp_path, capsys
     build_training_set(str(src2), tmp_path / "o2", recipe=Recipe(min_width=8, min_height=8),
                        captions=Captions(trigger="T"))
     assert "captions made from the template" not in capsys.readouterr().out
+
+
+def test_preview_labels_break_between_words():
+    from kolors_course.data.report import _wrap
+
+    text = _wrap("odd_too_wide.png\nimage_aspect_ratio_filter: aspect ratio 3.0 is outside 0.5-2.0", 28)
+    lines = text.splitlines()
+    assert all(len(line) <= 28 for line in lines) and len(lines) <= 5
+    words = "image_aspect_ratio_filter: aspect ratio 3.0 is outside 0.5-2.0".split()
+    assert " ".join(lines[1:]).split() == words        # no word cut in two ("trunca ted")

@@ -54,3 +54,11 @@ def test_install_dry_run_shows_command(capsys):
     assert install.install_kit(mode="always", dry_run=True) is False
     out = capsys.readouterr().out
     assert "Keeping the installed torch==" in out and "pip install" in out
+
+
+def test_the_environment_report_has_one_torch_row(capsys):
+    from kolors_course.setup.envinfo import print_environment_report
+
+    print_environment_report()
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert rows.count("torch") == 1 and "diffsynth" in rows, rows

@@ -54,7 +54,9 @@ def show_grid(items: Sequence, cols: int | None = None, title: str = "", save_to
     n = len(items)
     if n == 0:
         raise ValueError("show_grid got nothing to show")
-    cols = cols or min(n, 4)
+    # up to 6 in one row (a 5-value sweep once left its last picture alone on a second row);
+    # more in rows of 4
+    cols = cols or (n if n <= 6 else 4)
     rows = math.ceil(n / cols)
     fig = new_figure((cols * cell_inches, rows * cell_inches + 0.4), shown=True)
     axes = fig.subplots(rows, cols, squeeze=False)

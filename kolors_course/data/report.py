@@ -37,7 +37,10 @@ def plot_histograms(before, after, path: Path):
                                       ("aspect ratio (w/h)", lambda it: it.width / it.height)]):
         b = [fn(it) for it in before]
         a = [fn(it) for it in after]
-        bins = 12
+        import numpy as np
+
+        # one set of bin edges for both, so "kept" bars sit on "before" bars
+        bins = np.histogram_bin_edges(b + a, bins=12) if b or a else 12
         ax.hist(b, bins=bins, alpha=0.5, label=f"before filters ({len(b)})")
         ax.hist(a, bins=bins, alpha=0.7, label=f"kept ({len(a)})")
         ax.set_title(title)
@@ -92,12 +95,13 @@ def plot_preview(kept, dropped, before, sources: dict, path: Path, n_kept: int =
 
 
 def _wrap(text: str, width: int) -> str:
+    """At most 5 lines of ``width``, broken between words where there are spaces (a long file name
+    is still cut)."""
+    import textwrap
+
     out = []
     for line in text.splitlines():
-        while len(line) > width:
-            out.append(line[:width])
-            line = line[width:]
-        out.append(line)
+        out += textwrap.wrap(line, width, break_on_hyphens=False) or [""]
     return "\n".join(out[:5])
 
 

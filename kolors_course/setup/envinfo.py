@@ -63,11 +63,12 @@ def environment_report(path: str = ".") -> dict:
 def print_environment_report(report: dict | None = None) -> dict:
     r = report or environment_report()
     rows = [("Python", r["python"]), ("platform", r["platform"]),
-            ("torch", f"{r.get('torch')} ({r.get('torch_cuda_build', '?')})"),
+            ("torch", f"{r['torch']} ({r.get('torch_cuda_build', '?')})" if r.get("torch") else "NOT INSTALLED"),
             ("CUDA GPU", f"{r['gpu']} ({r['gpu_memory_gb']} GB, {r['gpu_free_gb']} GB free)"
              if r.get("cuda_available") else "none visible: the tiny profile will be used"),
             ("free disk", f"{r['disk_free_gb']} GB")]
-    rows += [(k, v or "NOT INSTALLED") for k, v in r["packages"].items()]
+    # torch has its row above, with its CUDA build (the package list's torch is the same install)
+    rows += [(k, v or "NOT INSTALLED") for k, v in r["packages"].items() if k != "torch"]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
