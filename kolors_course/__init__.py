@@ -58,7 +58,10 @@ _EXPORTS = {
     "write_workflows": "comfyui.workflows", "scene_workflow": "comfyui.workflows",
     "validate_workflow": "comfyui.validate",
     "step_dir": "core.steps", "StepSummary": "core.steps", "dataset_folder": "core.steps",
-    "lora_run_folder": "core.steps", "lora_file": "core.steps",
+    "lora_run_folder": "core.steps", "lora_file": "core.steps", "kohya_lora_file": "core.steps",
+    "scene_settings": "story.stories", "reference_picture": "control.steer", "lora_info": "story.gallery",
+    "kolors_unet_parameter_counts": "lora.lessons", "plot_parameter_counts": "lora.lessons",
+    "sample_grid_over_time": "lora.lessons",
 }
 
 

@@ -359,3 +359,26 @@ def test_a_real_models_story_on_tiny_gets_a_note_and_the_tiny_story_none(capsys)
     generation_settings(load_story("little_star"), tiny)
     generation_settings(load_story("ink_fox"), kolors)
     assert capsys.readouterr().out == ""
+
+
+def test_notebook_05s_generated_reference_is_notebook_04s_scene_one(tiny_pipe, tmp_path):
+    """kolors' default reference is scene 1 generated: the same picture notebook 04 made."""
+    import kolors_course as kc
+
+    prof = kc.choose_profile("tiny", verbose=False)
+    tale = kc.load_story("little_star")
+    settings = kc.generation_settings(tale, prof)
+    ref, notes = kc.reference_picture(tiny_pipe, None, kc.scene_settings(tale, settings, 0),
+                                      settings["width"], settings["height"])
+    first = kc.generate_story(tiny_pipe, tale, settings, tmp_path)[0]["image"]
+    assert np.array_equal(np.asarray(ref), np.asarray(first)) and notes
+
+
+def test_notebook_03s_choices_left_at_none_take_the_profiles():
+    import kolors_course as kc
+
+    prof = kc.choose_profile("tiny", verbose=False)
+    cfg = kc.TrainConfig.from_choices(prof, "几何风", rank=None, alpha=8.0, learning_rate=None)
+    assert (cfg.rank, cfg.alpha, cfg.learning_rate) == (prof.lora_rank, 8.0, prof.learning_rate)
+    assert cfg.trigger_words == ("几何风",) and cfg.preserve_weight == prof.lora_preserve_weight
+    assert kc.TrainConfig.from_choices(prof, None).preserve_weight == 0      # no word, nothing to preserve

@@ -67,6 +67,11 @@ def lora_file(out_dir, run_name: str) -> Path:
     return lora_run_folder(out_dir, run_name) / "lora.safetensors"
 
 
+def kohya_lora_file(lora_path) -> Path:
+    """The kohya/SDXL-layout copy notebook 03 writes beside ``lora_path`` (what ComfyUI loads)."""
+    return project_path(lora_path).with_name("lora_kohya.safetensors")
+
+
 def gallery_file(out_dir) -> Path:
     """Notebook 04's gallery, which a class's index page links."""
     return project_path(out_dir) / STEP_FOLDERS["04"] / "gallery.html"

@@ -107,6 +107,13 @@ class TrainConfig:
         raise TrainingError(f"{name}={value!r}: expected {expected}")
 
     @classmethod
+    def from_choices(cls, profile: Profile, trigger_word: str | None = None, **choices) -> "TrainConfig":
+        """``for_profile`` from a notebook's parameters: a choice left at None takes the profile's
+        value (so None cannot switch a setting off here: use ``for_profile`` for that)."""
+        chosen = {k: v for k, v in choices.items() if v is not None}
+        return cls.for_profile(profile, trigger_words=[trigger_word] if trigger_word else [], **chosen)
+
+    @classmethod
     def for_profile(cls, profile: Profile, **overrides) -> "TrainConfig":
         from kolors_course.core.trigger import words as trigger_words
 

@@ -68,6 +68,16 @@ def _image_figure(r: dict, label: str, lora_scale, css: str) -> str:
       </figure>"""
 
 
+def lora_info(lora_path, lora_meta: dict, scale: float) -> dict:
+    """What the gallery says about the LoRA: its file (or that there is none), scale, rank, alpha
+    and base model."""
+    from kolors_course.core.paths import relative_to_root
+
+    has = bool(lora_meta)
+    return {"file": relative_to_root(lora_path) if has else "none (base model)", "scale": scale,
+            **{k: lora_meta.get(k) for k in ("lora_rank", "lora_alpha", "base_model")}}
+
+
 def write_gallery(records: list, story, scores, lora_info: dict, path: Path, profile_name: str,
                   base_records: list | None = None, lora_scale=None) -> Path:
     """One HTML file with every image embedded: it opens from disk, offline, anywhere.

@@ -176,6 +176,14 @@ def generation_settings(story: Story, profile) -> dict:
     return s
 
 
+def scene_settings(story: Story, settings: dict, i: int = 0) -> dict:
+    """Everything ``kc.generate`` needs to draw scene ``i`` (0-based) as ``generate_story`` does:
+    prompt, negative prompt, seed, cfg, steps and size."""
+    return dict(prompt=story.prompt(i), negative_prompt=story.negative, seed=story.scenes[i].seed,
+                cfg_scale=settings["cfg_scale"], steps=settings["steps"], height=settings["height"],
+                width=settings["width"])
+
+
 def generate_story(pipe, story: Story, settings: dict, folder: Path) -> list[dict]:
     """Generate every scene; images saved as ``folder/scene_01.png ...``; returns one record each."""
     from kolors_course.generation.text2image import generate
