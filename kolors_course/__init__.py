@@ -61,7 +61,7 @@ _EXPORTS = {
     "lora_run_folder": "core.steps", "lora_file": "core.steps", "kohya_lora_file": "core.steps",
     "scene_settings": "story.stories", "reference_picture": "control.steer", "lora_info": "story.gallery",
     "kolors_unet_parameter_counts": "lora.lessons", "plot_parameter_counts": "lora.lessons",
-    "sample_grid_over_time": "lora.lessons",
+    "sample_grid_over_time": "lora.lessons", "plot_loss": "lora.lessons",
 }
 
 
