@@ -368,8 +368,7 @@ def test_notebook_05s_generated_reference_is_notebook_04s_scene_one(tiny_pipe, t
     prof = kc.choose_profile("tiny", verbose=False)
     tale = kc.load_story("little_star")
     settings = kc.generation_settings(tale, prof)
-    ref, notes = kc.reference_picture(tiny_pipe, None, kc.scene_settings(tale, settings, 0),
-                                      settings["width"], settings["height"])
+    ref, notes = kc.reference_picture(tiny_pipe, None, kc.scene_settings(tale, settings, 0))
     first = kc.generate_story(tiny_pipe, tale, settings, tmp_path)[0]["image"]
     assert np.array_equal(np.asarray(ref), np.asarray(first)) and notes
 

@@ -231,3 +231,13 @@ def _settings(flow):
     from kolors_course.story.stories import generation_settings
 
     return {k: v for k, v in generation_settings(flow["tale"], TINY).items() if k != "lora_scale"}
+
+
+def test_notebooks_find_the_kohya_copy_where_training_wrote_it(flow):
+    """Notebooks 04 and 05 look up the ComfyUI copy with kc.kohya_lora_file: the export's own rule."""
+    import kolors_course as kc
+    from kolors_course.lora.files import kohya_path
+
+    lora = flow["run"] / "lora.safetensors"
+    assert kc.kohya_lora_file(lora) == kohya_path(lora) and kc.kohya_lora_file(lora).is_file()
+    assert kohya_path("x/my.safetensors").name == "my_kohya.safetensors"

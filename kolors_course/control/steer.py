@@ -51,16 +51,17 @@ def _condition_image(image, control: str, width: int, height: int):
     return image
 
 
-def reference_picture(pipe, reference, scene: dict, width: int, height: int):
+def reference_picture(pipe, reference, scene: dict):
     """Notebook 05's reference: the file ``reference`` (checked and fitted by ``load_reference``),
     or, when it is None, ``scene`` generated (``kc.scene_settings``: the story's scene, as notebook 04
-    drew it).  Returns ``(picture, notes)``; the notes say what was converted."""
+    drew it); a file is fitted to the scene's size.  Returns ``(picture, notes)``; the notes say
+    what was converted."""
     from kolors_course.control.conditions import load_reference
     from kolors_course.generation.text2image import generate
 
     if reference is None:
         return generate(pipe, **scene), ["generated from the story's scene"]
-    return load_reference(reference, width=width, height=height)
+    return load_reference(reference, width=scene["width"], height=scene["height"])
 
 
 def control_manager(model, control: str, strength: float):

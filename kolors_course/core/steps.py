@@ -69,7 +69,9 @@ def lora_file(out_dir, run_name: str) -> Path:
 
 def kohya_lora_file(lora_path) -> Path:
     """The kohya/SDXL-layout copy notebook 03 writes beside ``lora_path`` (what ComfyUI loads)."""
-    return project_path(lora_path).with_name("lora_kohya.safetensors")
+    from kolors_course.lora.files import kohya_path
+
+    return kohya_path(project_path(lora_path))
 
 
 def gallery_file(out_dir) -> Path:

@@ -72,6 +72,12 @@ def _module_map(config_path: str) -> tuple:
     return tuple(pairs)
 
 
+def kohya_path(path) -> Path:
+    """Where the kohya-layout copy of the LoRA file ``path`` is written: ``<name>_kohya.safetensors`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_kohya.safetensors")
+
+
 def kohya_name(diffusers_module: str) -> str:
     return "lora_unet_" + diffusers_module.replace(".", "_")
 
@@ -137,7 +143,8 @@ def export_lora(pairs: dict, rank: int, alpha: float, out_dir: str | os.PathLike
         kohya[f"{k}.lora_down.weight"] = a
         kohya[f"{k}.lora_up.weight"] = b
         kohya[f"{k}.alpha"] = torch.tensor(float(alpha))
-    paths = {"diffsynth": out_dir / f"{name}.safetensors", "kohya": out_dir / f"{name}_kohya.safetensors"}
+    paths = {"diffsynth": out_dir / f"{name}.safetensors"}
+    paths["kohya"] = kohya_path(paths["diffsynth"])
     save_diffsynth_lora(pairs, paths["diffsynth"], meta)
     _atomic_save(kohya, paths["kohya"], dict(meta, layout="kohya"))
     return paths
