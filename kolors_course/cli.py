@@ -42,9 +42,10 @@ def cmd_run(args) -> int:
     except RunInterrupted as stop:
         print()
         print(format_summary(stop.results))
-        r = next(x for x in stop.results if x.status == "interrupted")
-        print(f"\nSTOPPED: {r.notebook} after {r.seconds:.0f} s; what it had run so far is in {r.output}"
-              f" (an earlier finished copy, if any, is kept).\nRun the same command again to redo it: "
+        r = stop.stopped
+        where = (f"{r.notebook} after {r.seconds:.0f} s; what it had run so far is in {r.output}"
+                 f" (an earlier finished copy, if any, is kept)" if r else f"{stop} (its copy is kept)")
+        print(f"\nSTOPPED: {where}.\nRun the same command again to redo it: "
               "notebook 03's LoRA training continues from its last checkpoint, and work that finished "
               "(data set, finished LoRA runs) is reused.", file=sys.stderr)
         return 130

@@ -35,8 +35,11 @@ class RunInterrupted(KeyboardInterrupt):
 
     def __init__(self, results: list[NotebookResult]):
         self.results = results
-        stopped = next(r for r in results if r.status == "interrupted")
-        super().__init__(f"{stopped.notebook} was stopped after {stopped.seconds:.0f} s")
+        #: the notebook that was running, or None: stopped between two notebooks
+        self.stopped = next((r for r in results if r.status == "interrupted"), None)
+        ran = [r.notebook for r in results if r.status == "ok"]
+        super().__init__(f"{self.stopped.notebook} was stopped after {self.stopped.seconds:.0f} s" if self.stopped
+                         else f"stopped between notebooks, after {ran[-1] if ran else 'none'} finished")
 
 
 class NotebookFailed(RuntimeError):
@@ -127,9 +130,6 @@ def run_notebooks(notebooks: list[str] | None = None, out: str | os.PathLike = "
     the notebooks that declare them, and a parameter no notebook declares is an
     error (a typo would otherwise be silently ignored).
     """
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
     paths = resolve_notebooks(notebooks)
     out_dir = project_path(out)
     (out_dir / "notebooks").mkdir(parents=True, exist_ok=True)
@@ -151,55 +151,75 @@ def run_notebooks(notebooks: list[str] | None = None, out: str | os.PathLike = "
     # Jupyter's inline plot backend, so the executed notebooks keep their figures as a learner's
     # would (a non-interactive backend such as Agg, set for tests or servers, left them with
     # none); all put back when the run ends
+    # SIGTERM is Ctrl-C for the whole loop, so a stop between two notebooks is caught too
     with environ(KOLORS_COURSE_HEADLESS="1", MPLBACKEND=INLINE_BACKEND), \
-            environ_default(KOLORS_COURSE_HOME=str(project_root())):
-        for i, nb in enumerate(paths):
-            params = {"profile": profile, "out_dir": str(out_dir)}
-            params.update({k: v for k, v in parameters.items() if k in declared[nb]})
-            target = out_dir / "notebooks" / nb.name
-            if not quiet:
-                print(f"[{i + 1}/{len(paths)}] {nb.stem} ...", flush=True)
-            t0 = time.perf_counter()
-            # executed into a working copy: the copy from an earlier run that finished stays in
-            # place until this one finishes too; a failed or stopped run keeps its copy beside it
-            running = target.with_name(f"{nb.stem}.running.ipynb")
-            res = NotebookResult(nb.stem, "ok", output=relative_to_root(target), parameters=params)
-            try:
-                with _sigterm_as_interrupt():
-                    pm.execute_notebook(str(nb), str(running), parameters=params, kernel_name=kernel_name,
-                                        cwd=str(nb.parent), progress_bar=False, log_output=log_output,
-                                        execution_timeout=cell_timeout,
-                                        kernel_manager_class=kernel_manager_class())
-            except PapermillExecutionError as exc:
-                # exec_count is the [n] shown in the executed copy (papermill's
-                # injected-parameters cell counts too)
-                res.status, res.cell = "failed", exc.exec_count
-                line = failing_line(exc)
-                res.error = f"{exc.ename}: {exc.evalue}" + (f"  (at `{line[:80]}`)" if line else "")
-            except KeyboardInterrupt:
-                res.status, res.error = "interrupted", "stopped (Ctrl-C or SIGTERM)"
-            except Exception as exc:   # kernel died, timeout, bad notebook
-                res.status, res.error = "failed", f"{type(exc).__name__}: {exc}"
-            res.seconds = round(time.perf_counter() - t0, 1)
-            kept = _keep_executed_copy(running, target, res.status)
-            if kept is not None:
-                res.output = relative_to_root(kept)
-            results.append(res)
-            if not quiet:
-                print(f"      {res.status} in {res.seconds:.1f} s" +
-                      (f" -- cell {res.cell}: {res.error}" if res.status == "failed" else ""), flush=True)
-            if res.status == "interrupted":
-                results += [NotebookResult(rest.stem, "skipped", error=f"not run: {nb.stem} was stopped")
-                            for rest in paths[i + 1:]]
-                write_summary(results, out_dir, profile)
-                raise RunInterrupted(results)
-            if res.status == "failed" and stop_on_error:
-                for rest in paths[i + 1:]:
-                    results.append(NotebookResult(rest.stem, "skipped",
-                                                  error=f"not run: {nb.stem} failed first"))
-                break
+            environ_default(KOLORS_COURSE_HOME=str(project_root())), _sigterm_as_interrupt():
+        try:
+            _run_each(paths, declared, parameters, profile, out_dir, kernel_name, cell_timeout, log_output,
+                      stop_on_error, quiet, results)
+        except RunInterrupted:
+            write_summary(results, out_dir, profile)
+            raise
+        except KeyboardInterrupt:
+            # stopped between notebooks (moving a copy into place, printing): what ran is kept
+            done = {r.notebook for r in results}
+            results += [NotebookResult(p.stem, "skipped", error="not run: the run was stopped")
+                        for p in paths if p.stem not in done]
+            write_summary(results, out_dir, profile)
+            raise RunInterrupted(results) from None
     write_summary(results, out_dir, profile)
     return results
+
+
+def _run_each(paths, declared, parameters, profile, out_dir, kernel_name, cell_timeout, log_output,
+              stop_on_error, quiet, results) -> None:
+    """``run_notebooks``' loop: executes each notebook, appending its result to ``results``."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    for i, nb in enumerate(paths):
+        params = {"profile": profile, "out_dir": str(out_dir)}
+        params.update({k: v for k, v in parameters.items() if k in declared[nb]})
+        target = out_dir / "notebooks" / nb.name
+        if not quiet:
+            print(f"[{i + 1}/{len(paths)}] {nb.stem} ...", flush=True)
+        t0 = time.perf_counter()
+        # executed into a working copy: the copy from an earlier run that finished stays in
+        # place until this one finishes too; a failed or stopped run keeps its copy beside it
+        running = target.with_name(f"{nb.stem}.running.ipynb")
+        res = NotebookResult(nb.stem, "ok", output=relative_to_root(target), parameters=params)
+        try:
+            pm.execute_notebook(str(nb), str(running), parameters=params, kernel_name=kernel_name,
+                                cwd=str(nb.parent), progress_bar=False, log_output=log_output,
+                                execution_timeout=cell_timeout,
+                                kernel_manager_class=kernel_manager_class())
+        except PapermillExecutionError as exc:
+            # exec_count is the [n] shown in the executed copy (papermill's
+            # injected-parameters cell counts too)
+            res.status, res.cell = "failed", exc.exec_count
+            line = failing_line(exc)
+            res.error = f"{exc.ename}: {exc.evalue}" + (f"  (at `{line[:80]}`)" if line else "")
+        except KeyboardInterrupt:
+            res.status, res.error = "interrupted", "stopped (Ctrl-C or SIGTERM)"
+        except Exception as exc:   # kernel died, timeout, bad notebook
+            res.status, res.error = "failed", f"{type(exc).__name__}: {exc}"
+        res.seconds = round(time.perf_counter() - t0, 1)
+        kept = _keep_executed_copy(running, target, res.status)
+        if kept is not None:
+            res.output = relative_to_root(kept)
+        results.append(res)
+        if not quiet:
+            print(f"      {res.status} in {res.seconds:.1f} s" +
+                  (f" -- cell {res.cell}: {res.error}" if res.status == "failed" else ""), flush=True)
+        if res.status == "interrupted":
+            results += [NotebookResult(rest.stem, "skipped", error=f"not run: {nb.stem} was stopped")
+                        for rest in paths[i + 1:]]
+            raise RunInterrupted(results)
+        if res.status == "failed" and stop_on_error:
+            for rest in paths[i + 1:]:
+                results.append(NotebookResult(rest.stem, "skipped",
+                                              error=f"not run: {nb.stem} failed first"))
+            break
 
 
 def write_summary(results: list[NotebookResult], out_dir: Path, profile: str) -> Path:

@@ -83,6 +83,24 @@ def test_a_stopped_run_writes_its_summary_says_how_to_go_on_and_leaves_no_kernel
     assert not alive, [p.cmdline() for p in alive]
 
 
+def test_a_stop_between_two_notebooks_still_writes_the_summary(tmp_path, monkeypatch):
+    first = _notebook(tmp_path / "01_first.ipynb", "pass")
+    second = _notebook(tmp_path / "02_second.ipynb", "pass")
+    out = tmp_path / "out"
+
+    def print_then_stop(*args, **kwargs):
+        # Ctrl-C lands after 01 finished, while the run announces 02 (outside any notebook)
+        if args and str(args[0]).startswith("[2/2]"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(runner, "print", print_then_stop, raising=False)
+    with pytest.raises(runner.RunInterrupted) as stopped:
+        runner.run_notebooks([str(first), str(second)], out=out)
+    assert [r.status for r in stopped.value.results] == ["ok", "skipped"]
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert {e["notebook"]: e["status"] for e in summary["results"]} == {"01_first": "ok", "02_second": "skipped"}
+    assert (out / "notebooks" / "01_first.ipynb").exists()
+
+
 def test_parameters_are_injected(tmp_path):
     nb = _notebook(tmp_path / "98_ok.ipynb", "assert answer == 2 and profile == 'tiny'")
     results = runner.run_notebooks([str(nb)], out=tmp_path / "out", parameters={"answer": 2}, quiet=True)
