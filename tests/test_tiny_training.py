@@ -499,3 +499,51 @@ def test_the_layout_curriculum_trains_on_shape_and_place_captions_first():
     # a curriculum as long as the run would never reach the world's captions: refused, with the fix
     with pytest.raises(ValueError, match="layout_first_steps=N"):
         UNetConfig(steps=2, batch_size=2, layout_first_steps=2)
+
+
+def test_the_shape_primer_trains_on_its_own_pictures_first():
+    """``UNetConfig.shape_first_steps``: the first steps draw the primer's pictures and captions
+    (one colour pair, big, in the middle, flat: only the shape differs), the rest the world's."""
+    from kolors_course.world import scenes as W
+    from kolors_course.world.train_unet import Primer, UNetConfig, train_unet
+
+    primer_list = W.primer_scenes(8)
+    assert {s.shape for s in primer_list} == set(W.SHAPES)
+    assert len({(s.colour, s.background, s.size, s.position, s.style, s.painter) for s in primer_list}) == 1
+    assert all(s.shape in c for s in primer_list for c in W.primer_captions(s))
+
+    class Rows:
+        def __init__(self):
+            self.seen = []
+
+        def __getitem__(self, rows):
+            self.seen.append(list(rows))
+            return torch.zeros(len(rows), 8, T.TEXT_DIM)
+
+    class Recorder(torch.nn.Module):
+        """The UNet, recording the size of each step's clean-latent batch's source via its noisy input."""
+        def __init__(self, unet):
+            super().__init__()
+            self.unet, self.inputs = unet, []
+
+        def forward(self, noisy, **kw):
+            self.inputs.append(noisy.detach().abs().mean().item())
+            return self.unet(noisy, **kw)
+
+    hidden, pooled = Rows(), torch.zeros(8, T.TEXT_DIM)
+    torch.manual_seed(0)
+    unet = Recorder(T.diffsynth_classes()["sdxl_unet"]())
+    # primer latents far larger than the world's: the noisy input says which set a step drew from
+    primer = Primer(torch.full((5, 4, 16, 16), 500.0), [[3], [4], [5], [6], [7]], torch.zeros(5, 1, 16, 16))
+    cfg = UNetConfig(steps=5, batch_size=2, warmup_steps=1, shape_first_steps=2, log_every=100, shape_weight=1.0)
+    train_unet(unet, torch.zeros(3, 4, 16, 16), [[0], [1], [2]], hidden, pooled, cfg, log=None,
+               cell_weights=torch.zeros(3, 1, 16, 16), primer=primer)
+    assert all(r >= 3 for step in hidden.seen[:2] for r in step) and all(r < 3 for step in hidden.seen[2:] for r in step)
+    assert min(unet.inputs[:2]) > 5 > max(unet.inputs[2:]), unet.inputs
+    with pytest.raises(ValueError, match="primer"):
+        train_unet(unet, torch.zeros(3, 4, 16, 16), [[0], [1], [2]], hidden, pooled, cfg, log=None,
+                   cell_weights=torch.zeros(3, 1, 16, 16))
+    with pytest.raises(ValueError, match="shape_first_steps=N"):
+        UNetConfig(steps=2, batch_size=2, shape_first_steps=2)
+    with pytest.raises(ValueError, match="one first phase"):
+        UNetConfig(steps=9, batch_size=2, shape_first_steps=2, layout_first_steps=2)

@@ -29,7 +29,7 @@ import torch
 
 from kolors_course.models.pipeline import KOLORS_TEXT_TOKENS
 from kolors_course.world import scenes as W
-from kolors_course.world.train_unet import CaptionEncoder, UNetConfig, encode_captions, kolors_scheduler, train_unet
+from kolors_course.world.train_unet import CaptionEncoder, Primer, UNetConfig, encode_captions, kolors_scheduler, train_unet
 from kolors_course.world.train_vae import CellStats, VAEConfig, encoder_error, fold_latent_scale, images_to_tensor, \
     psnr, target_latents, train_vae
 
@@ -49,6 +49,9 @@ UNET_RECIPE = dict(offset_noise=0.3, high_t_fraction=0.3, high_t_start=0.6, x0_w
 #: decoder spend its effort on outlines (README "The tiny world": the shapes the judge reads back
 #: through its round trip).
 VAE_RECIPE = dict(edge_weight=8.0)
+#: pictures in the shape primer (``UNetConfig.shape_first_steps``): a probe drew the four shapes
+#: after 1,500 steps on 400
+PRIMER_PICTURES = 400
 QUICK = dict(n_scenes=48, captions_per_scene=2, vae_images=48, vae_steps=30, vae_crop=32, unet_steps=20,
              unet_batch=8, vae_batch=4, controlnet_steps=6, controlnet_batch=4)
 
@@ -226,6 +229,15 @@ def _unet_stage(out_dir, world, stats, knobs, settings, seed, quick, unet_lr, dt
         # two captions per picture naming only its shape and place, for the curriculum's first phase
         rng = random.Random(f"layout captions:{seed}")
         captions = captions + [[W.layout_caption(s, rng) for _ in range(2)] for s in world.scenes]
+    primer = None
+    if cfg.shape_first_steps:
+        primer_list = W.primer_scenes(PRIMER_PICTURES if not quick else 8)
+        primer_seeds = [_render_seed(seed + 104729, i) for i in range(len(primer_list))]
+        primer_pixels = images_to_tensor([W.render(s, size=world.pixels.shape[-1], seed=r)
+                                          for s, r in zip(primer_list, primer_seeds)])
+        primer = Primer(target_latents(primer_pixels, stats), None,
+                        W.shape_coverage_batch(primer_list, world.pixels.shape[-1], primer_seeds))
+        captions = captions + [W.primer_captions(s) for s in primer_list]
     if cfg.train_text_encoder:
         # the captions are encoded at every step by a text encoder whose layers train with the UNet
         text = CaptionEncoder(tiny_prompter(), [c for cs in captions for c in cs])
@@ -235,12 +247,16 @@ def _unet_stage(out_dir, world, stats, knobs, settings, seed, quick, unet_lr, dt
         empty_row = text.index[""]
     else:
         all_rows, hidden, pooled, n_captions, empty_row = _encoded_captions(captions, log)
-    rows, first_rows = all_rows[:n_world], (all_rows[n_world:] or None)
+    rows = all_rows[:n_world]
+    first_rows = all_rows[n_world:] if cfg.layout_first_steps else None
+    if primer is not None:
+        primer.caption_rows = all_rows[n_world:]
     log(f"latents {tuple(latents.shape)}; {n_captions} distinct captions "
         f"{'tokenised' if text else 'encoded'} in {time.perf_counter() - t0:.0f} s")
     coverage = world.shape_coverage() if cfg.shape_weight else None
     run = train_unet(unet, latents, rows, hidden, pooled, cfg, scheduler=kolors_scheduler(), log=log,
-                     cell_weights=coverage, text=text, empty_row=empty_row, first_rows=first_rows)
+                     cell_weights=coverage, text=text, empty_row=empty_row, first_rows=first_rows,
+                     primer=primer)
     if (out_dir / T.UNET_REL).parent.exists():
         shutil.rmtree((out_dir / T.UNET_REL).parent)
     T.write_unet(run["ema"].state_dict(), out_dir, dtype=getattr(torch, dtype))

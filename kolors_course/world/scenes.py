@@ -299,6 +299,22 @@ def layout_caption(scene: Scene, rng: random.Random) -> str:
     return "，".join(parts)
 
 
+#: the shape primer's one colour pair (``UNetConfig.shape_first_steps``)
+PRIMER_COLOURS = ("红色", "蓝色")
+
+
+def primer_scenes(n: int) -> list[Scene]:
+    """The shape primer's pictures: the four shapes in turn, big, in the middle, flat, one colour on
+    one background, so that the shape is all that differs between them."""
+    colour, background = PRIMER_COLOURS
+    return [Scene(shape=SHAPES[i % len(SHAPES)], colour=colour, background=background) for i in range(n)]
+
+
+def primer_captions(scene: Scene) -> list[str]:
+    """A primer picture's captions: its shape alone, and in the world's plainest phrasing."""
+    return [f"一个{scene.shape}", scene.shape, f"一个{scene.colour}的{scene.shape}，{scene.background}背景"]
+
+
 def caption(scene: Scene, rng: random.Random) -> str:
     """One Chinese caption of ``scene``, drawn with ``rng`` (a ``random.Random``)."""
     u = rng.random()
