@@ -462,6 +462,16 @@ def test_pooled_dropout_hides_the_captions_pooled_embedding_and_keeps_its_token_
         train_unet(None, latents, [[0]], hidden, pooled, UNetConfig(steps=1, pooled_dropout=0.5))
 
 
+class _RecordingRows:
+    """Cached token states for ``train_unet``, recording which caption rows each step reads."""
+    def __init__(self):
+        self.seen = []
+
+    def __getitem__(self, rows):
+        self.seen.append(list(rows))
+        return torch.zeros(len(rows), 8, T.TEXT_DIM)
+
+
 def test_the_layout_curriculum_trains_on_shape_and_place_captions_first():
     """``UNetConfig.layout_first_steps``: the first steps draw each picture's layout captions
     (shape and place only), the rest the world's own; without the layout rows it refuses."""
@@ -476,16 +486,7 @@ def test_the_layout_curriculum_trains_on_shape_and_place_captions_first():
         assert scene.shape in cap and (scene.position in cap or scene.position == "中间")
         assert not any(colour in cap for colour in W.COLOURS), cap
 
-    class Rows:
-        """The cached token states, recording which caption rows each step reads."""
-        def __init__(self):
-            self.seen = []
-
-        def __getitem__(self, rows):
-            self.seen.append(list(rows))
-            return torch.zeros(len(rows), 8, T.TEXT_DIM)
-
-    hidden, pooled = Rows(), torch.zeros(6, T.TEXT_DIM)
+    hidden, pooled = _RecordingRows(), torch.zeros(6, T.TEXT_DIM)
     world_rows, layout_rows = [[0], [1], [2]], [[3], [4], [5]]
     torch.manual_seed(0)
     unet = T.diffsynth_classes()["sdxl_unet"]()
@@ -512,14 +513,6 @@ def test_the_shape_primer_trains_on_its_own_pictures_first():
     assert len({(s.colour, s.background, s.size, s.position, s.style, s.painter) for s in primer_list}) == 1
     assert all(s.shape in c for s in primer_list for c in W.primer_captions(s))
 
-    class Rows:
-        def __init__(self):
-            self.seen = []
-
-        def __getitem__(self, rows):
-            self.seen.append(list(rows))
-            return torch.zeros(len(rows), 8, T.TEXT_DIM)
-
     class Recorder(torch.nn.Module):
         """The UNet, recording the size of each step's clean-latent batch's source via its noisy input."""
         def __init__(self, unet):
@@ -530,7 +523,7 @@ def test_the_shape_primer_trains_on_its_own_pictures_first():
             self.inputs.append(noisy.detach().abs().mean().item())
             return self.unet(noisy, **kw)
 
-    hidden, pooled = Rows(), torch.zeros(8, T.TEXT_DIM)
+    hidden, pooled = _RecordingRows(), torch.zeros(8, T.TEXT_DIM)
     torch.manual_seed(0)
     unet = Recorder(T.diffsynth_classes()["sdxl_unet"]())
     # primer latents far larger than the world's: the noisy input says which set a step drew from

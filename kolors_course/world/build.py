@@ -229,14 +229,8 @@ def _unet_stage(out_dir, world, stats, knobs, settings, seed, quick, unet_lr, dt
         # two captions per picture naming only its shape and place, for the curriculum's first phase
         rng = random.Random(f"layout captions:{seed}")
         captions = captions + [[W.layout_caption(s, rng) for _ in range(2)] for s in world.scenes]
-    primer = None
     if cfg.shape_first_steps:
         primer_list = W.primer_scenes(PRIMER_PICTURES if not quick else 8)
-        primer_seeds = [_render_seed(seed + 104729, i) for i in range(len(primer_list))]
-        primer_pixels = images_to_tensor([W.render(s, size=world.pixels.shape[-1], seed=r)
-                                          for s, r in zip(primer_list, primer_seeds)])
-        primer = Primer(target_latents(primer_pixels, stats), None,
-                        W.shape_coverage_batch(primer_list, world.pixels.shape[-1], primer_seeds))
         captions = captions + [W.primer_captions(s) for s in primer_list]
     if cfg.train_text_encoder:
         # the captions are encoded at every step by a text encoder whose layers train with the UNet
@@ -249,8 +243,13 @@ def _unet_stage(out_dir, world, stats, knobs, settings, seed, quick, unet_lr, dt
         all_rows, hidden, pooled, n_captions, empty_row = _encoded_captions(captions, log)
     rows = all_rows[:n_world]
     first_rows = all_rows[n_world:] if cfg.layout_first_steps else None
-    if primer is not None:
-        primer.caption_rows = all_rows[n_world:]
+    primer = None
+    if cfg.shape_first_steps:
+        size = world.pixels.shape[-1]
+        primer_seeds = [_render_seed(seed + 104729, i) for i in range(len(primer_list))]
+        primer_pixels = images_to_tensor([W.render(s, size=size, seed=r) for s, r in zip(primer_list, primer_seeds)])
+        primer = Primer(target_latents(primer_pixels, stats), all_rows[n_world:],
+                        W.shape_coverage_batch(primer_list, size, primer_seeds))
     log(f"latents {tuple(latents.shape)}; {n_captions} distinct captions "
         f"{'tokenised' if text else 'encoded'} in {time.perf_counter() - t0:.0f} s")
     coverage = world.shape_coverage() if cfg.shape_weight else None

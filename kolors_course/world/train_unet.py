@@ -251,7 +251,7 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
                pooled: torch.Tensor, cfg: UNetConfig, scheduler=None, log=print, callback=None,
                cell_weights: torch.Tensor | None = None, text: CaptionEncoder | None = None,
                empty_row: int | None = None, first_rows: list[list[int]] | None = None,
-               primer: "Primer | None" = None) -> dict:
+               primer: Primer | None = None) -> dict:
     """Train ``unet`` in place; returns the EMA model and the loss history.
 
     ``callback(steps_done, unet)``, if given, runs after every step (notebook 06 samples from it);
