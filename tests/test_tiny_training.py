@@ -540,3 +540,35 @@ def test_the_shape_primer_trains_on_its_own_pictures_first():
         UNetConfig(steps=2, batch_size=2, shape_first_steps=2)
     with pytest.raises(ValueError, match="one first phase"):
         UNetConfig(steps=9, batch_size=2, shape_first_steps=2, layout_first_steps=2)
+
+
+def test_the_noisy_step_weighting_applies_only_in_its_window_of_steps(monkeypatch):
+    """``UNetConfig.noisy_weight_from`` / ``noisy_weight_until``: the share of timesteps from the top of
+    the schedule and the noisy-step loss weight apply to the steps of the window only, plain min-SNR
+    to the others."""
+    import kolors_course.world.train_unet as TU
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet, self.timesteps = unet, []
+
+        def forward(self, noisy, timestep, **kw):
+            self.timesteps.append(timestep.detach().clone())
+            return self.unet(noisy, timestep=timestep, **kw)
+
+    caps = []
+    real = TU.min_snr_weight
+    monkeypatch.setattr(TU, "min_snr_weight", lambda a, gamma, cap=None: caps.append(cap) or real(a, gamma, cap))
+    torch.manual_seed(0)
+    unet = Recorder(T.diffsynth_classes()["sdxl_unet"]())
+    cfg = TU.UNetConfig(steps=5, batch_size=16, warmup_steps=1, log_every=100, x0_weight_cap=100.0,
+                        high_t_fraction=1.0, high_t_start=0.9, noisy_weight_from=1, noisy_weight_until=3)
+    TU.train_unet(unet, torch.zeros(3, 4, 16, 16), [[0], [1], [2]], torch.zeros(3, 8, T.TEXT_DIM),
+                  torch.zeros(3, T.TEXT_DIM), cfg, log=None)
+    top = 0.9 * 1100 - 2                  # the schedule's top tenth (its timesteps are not quite integers)
+    in_window = [bool((t >= top).all()) for t in unet.timesteps]
+    assert in_window == [False, True, True, False, False], unet.timesteps
+    assert caps == [None, 100.0, 100.0, None, None]
+    with pytest.raises(ValueError, match="holds no step"):
+        TU.UNetConfig(noisy_weight_from=3, noisy_weight_until=3)

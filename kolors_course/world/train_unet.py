@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -46,6 +46,13 @@ class UNetConfig:
     # 1,100), where the text decides the picture; the rest uniformly, as usual.
     high_t_fraction: float = 0.0
     high_t_start: float = 0.6
+    # The noisy-step weighting above (``x0_weight_cap`` and ``high_t_fraction``) only for the steps from
+    # ``noisy_weight_from`` up to (not including) ``noisy_weight_until`` (None: to the end), plain
+    # min-SNR for the others.  The weighting teaches the colours, which are chosen at the noisiest
+    # steps, but drowns the shape word, which is read further down the schedule (README, "The shape
+    # word, probed"); a window lets one phase learn each.
+    noisy_weight_from: int = 0
+    noisy_weight_until: int | None = None
     # Offset noise (Guttenberg 2023): each sample's noise gets a per-channel constant of this
     # standard deviation added.  The world's pictures are mostly flat colour, so the mean of a
     # noisy latent gives the colours away down to the noisiest timesteps and a UNet trained on
@@ -93,6 +100,10 @@ class UNetConfig:
 
     def __post_init__(self):
         # refused where the settings are made, not minutes later when the loop starts
+        if self.noisy_weight_until is not None and self.noisy_weight_until <= self.noisy_weight_from:
+            raise ValueError(f"UNetConfig: the noisy-step weighting's window [{self.noisy_weight_from}, "
+                             f"{self.noisy_weight_until}) holds no step: noisy_weight_until must be above "
+                             "noisy_weight_from (or none, to the end)")
         if self.layout_first_steps and self.shape_first_steps:
             raise ValueError("UNetConfig: choose one first phase, layout_first_steps or shape_first_steps")
         if self.shape_first_steps >= self.steps > 0:
@@ -295,11 +306,14 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
     _, _, h, w = latents.shape
     side = h * 8
     add_time_id = torch.tensor([side, w * 8, 0, 0, side, w * 8]).repeat(cfg.batch_size)
+    plain = replace(cfg, x0_weight_cap=None, high_t_fraction=0.0)    # outside the noisy-weight window
     unet.train()
     if text is not None:
         text.text_encoder.train()
     losses, t0 = [], time.perf_counter()
     for step in range(cfg.steps):
+        in_window = cfg.noisy_weight_from <= step and (cfg.noisy_weight_until is None or step < cfg.noisy_weight_until)
+        weighting = cfg if in_window else plain
         pictures, source, weights = latents, caption_rows, cell_weights
         if step < cfg.layout_first_steps:
             source = first_rows
@@ -308,7 +322,7 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
         idx = torch.randint(0, len(pictures), (cfg.batch_size,), generator=gen)
         rows = [source[i][int(torch.randint(0, len(source[i]), (1,), generator=gen))] for i in idx.tolist()]
         x0 = pictures[idx]
-        noisy, target, t = noisy_batch(x0, cfg, scheduler, gen)
+        noisy, target, t = noisy_batch(x0, weighting, scheduler, gen)
         if text is not None:
             # the empty caption rides along in the same call, so its pooled vector is this step's
             enc_hidden, enc_pooled = text(rows + [empty_row] if cfg.pooled_dropout else rows)
@@ -324,7 +338,7 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
                     add_text_embeds=batch_pooled, add_time_id=add_time_id)
         per_sample = cell_weighted_mse(pred.float(), target, None if not cfg.shape_weight else
                                        1.0 + cfg.shape_weight * weights[idx])
-        weight = min_snr_weight(alphas[t.long()], cfg.snr_gamma, cfg.x0_weight_cap)
+        weight = min_snr_weight(alphas[t.long()], cfg.snr_gamma, weighting.x0_weight_cap)
         loss = (per_sample * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
