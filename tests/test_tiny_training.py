@@ -572,3 +572,40 @@ def test_the_noisy_step_weighting_applies_only_in_its_window_of_steps(monkeypatc
     assert caps == [None, 100.0, 100.0, None, None]
     with pytest.raises(ValueError, match="holds no step"):
         TU.UNetConfig(noisy_weight_from=3, noisy_weight_until=3)
+
+
+def test_captions_with_outside_words_train_the_unet_but_not_the_text_encoder():
+    """``UNetConfig.text_encoder_world_only``: a caption holding a word from outside the world sends no
+    gradient into the text encoder's layers (so they are never taught to flatten an unknown word such
+    as a LoRA's trigger word), while the UNet still trains on it; a world caption moves the layers."""
+    from kolors_course.world import scenes as W
+    from kolors_course.world.build import tiny_prompter
+    from kolors_course.world.train_unet import CaptionEncoder, UNetConfig, train_unet
+
+    world = ["一个红色的圆形，蓝色背景", "简单的蓝色背景上的一个大的红色圆形，在左边，干净"]
+    outside = ["小猫，一个红色的圆形，蓝色背景", "一个红色的圆形，蓝色背景，最佳质量", "photo"]
+    assert not any(W.has_outside_word(c) for c in world) and all(W.has_outside_word(c) for c in outside)
+
+    def moved(caps):
+        text = CaptionEncoder(tiny_prompter(), caps)
+        by_row = sorted(text.index, key=text.index.get)
+        flags = torch.tensor([W.has_outside_word(c) for c in by_row])
+        before = {n: t.detach().clone() for n, t in text.trainable.items()}
+        torch.manual_seed(0)
+        unet = T.diffsynth_classes()["sdxl_unet"]()
+        unet_before = {n: t.detach().clone() for n, t in unet.named_parameters()}
+        # no weight decay: it would shrink the layers with or without a gradient
+        cfg = UNetConfig(steps=2, batch_size=2, warmup_steps=1, train_text_encoder=True, log_every=100,
+                         text_encoder_world_only=True, weight_decay=0.0)
+        train_unet(unet, torch.randn(len(caps), 4, 16, 16), [[text.index[c]] for c in caps], None, None, cfg,
+                   log=None, text=text, outside_rows=flags)
+        unet_moved = any(not torch.equal(t, unet_before[n]) for n, t in unet.named_parameters())
+        return any(not torch.equal(t, before[n]) for n, t in text.trainable.items()), unet_moved
+
+    assert moved(outside) == (False, True)
+    assert moved(world) == (True, True)
+    with pytest.raises(ValueError, match="outside_rows"):
+        text = CaptionEncoder(tiny_prompter(), world)
+        train_unet(T.diffsynth_classes()["sdxl_unet"](), torch.randn(2, 4, 16, 16), [[0], [1]], None, None,
+                   UNetConfig(steps=1, batch_size=2, train_text_encoder=True, text_encoder_world_only=True),
+                   log=None, text=text)

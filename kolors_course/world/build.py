@@ -222,7 +222,7 @@ def _unet_stage(out_dir, world, stats, knobs, settings, seed, quick, unet_lr, dt
     cfg = UNetConfig(steps=knobs["unet_steps"], batch_size=knobs["unet_batch"], learning_rate=unet_lr, seed=seed,
                      log_every=100 if not quick else 5, warmup_steps=100 if not quick else 2,
                      ema_decay=0.999 if not quick else 0.9, **recipe)
-    text = None
+    text = outside_rows = None
     n_world = len(world.captions)
     captions = world.captions
     if cfg.layout_first_steps:
@@ -239,6 +239,8 @@ def _unet_stage(out_dir, world, stats, knobs, settings, seed, quick, unet_lr, dt
         hidden = pooled = None
         n_captions = len(text.index)
         empty_row = text.index[""]
+        by_row = sorted(text.index, key=text.index.get)
+        outside_rows = torch.tensor([W.has_outside_word(c) for c in by_row])
     else:
         all_rows, hidden, pooled, n_captions, empty_row = _encoded_captions(captions, log)
     rows = all_rows[:n_world]
@@ -255,7 +257,7 @@ def _unet_stage(out_dir, world, stats, knobs, settings, seed, quick, unet_lr, dt
     coverage = world.shape_coverage() if cfg.shape_weight else None
     run = train_unet(unet, latents, rows, hidden, pooled, cfg, scheduler=kolors_scheduler(), log=log,
                      cell_weights=coverage, text=text, empty_row=empty_row, first_rows=first_rows,
-                     primer=primer)
+                     primer=primer, outside_rows=outside_rows)
     if (out_dir / T.UNET_REL).parent.exists():
         shutil.rmtree((out_dir / T.UNET_REL).parent)
     T.write_unet(run["ema"].state_dict(), out_dir, dtype=getattr(torch, dtype))

@@ -72,6 +72,13 @@ OUTSIDE_WORDS = (
     "丑陋", "变形", "嘈杂", "模糊", "低对比度", "扭曲的手指", "多余的手指", "安静", "快乐", "明亮",
     "photo", "style", "art", "hello", "ok", "A1", "test", "xyz", "HD", "4k", "lora", "v2",
 )
+
+
+def has_outside_word(text: str) -> bool:
+    """Whether a caption holds one of ``OUTSIDE_WORDS`` (none is part of a world word)."""
+    return any(word in text for word in OUTSIDE_WORDS)
+
+
 FILLER_PREFIXES = ("一张图，画着", "一张图片，", "图片：", "简单的", "一幅画，", "画面里有", "这是",
                    "一张简单的图，", "插画，", "")
 FILLER_SUFFIXES = ("", "", "", "。", "，简单", "，图片", "，简洁的画面", "，干净")

@@ -74,6 +74,12 @@ class UNetConfig:
     # ``text_encoder_lr`` (None: the UNet's).
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
+    # With ``train_text_encoder``: a caption holding words from outside the world trains the UNet but
+    # sends no gradient into the text encoder (its states are detached), so the encoder is never
+    # taught to flatten unknown words and the UNet alone learns to ignore them.  A LoRA's trigger word
+    # is such a word, and the course's LoRA trains the UNet's attention only: it needs the word's
+    # token states distinct (README, "The weighting in a window of steps").  Needs ``outside_rows``.
+    text_encoder_world_only: bool = False
     # Share of samples whose pooled embedding (the last token's state, which the UNet adds to its
     # time embedding) is the empty caption's, their token states kept.  A text encoder that trains
     # with the UNet learns to sum the whole caption up in that one vector, and the UNet then reads
@@ -262,7 +268,7 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
                pooled: torch.Tensor, cfg: UNetConfig, scheduler=None, log=print, callback=None,
                cell_weights: torch.Tensor | None = None, text: CaptionEncoder | None = None,
                empty_row: int | None = None, first_rows: list[list[int]] | None = None,
-               primer: Primer | None = None) -> dict:
+               primer: Primer | None = None, outside_rows: torch.Tensor | None = None) -> dict:
     """Train ``unet`` in place; returns the EMA model and the loss history.
 
     ``callback(steps_done, unet)``, if given, runs after every step (notebook 06 samples from it);
@@ -277,12 +283,16 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
     empty caption (for ``cfg.pooled_dropout``).  ``first_rows[i]``: the rows of picture ``i``'s
     layout captions, drawn from instead of ``caption_rows`` for the first ``cfg.layout_first_steps``.
     ``primer``: the pictures (latents, caption rows, cell weights) the first ``cfg.shape_first_steps``
-    draw from instead of the world's.
+    draw from instead of the world's.  ``outside_rows``: one flag per caption row of ``text``, set where
+    the caption holds a word from outside the world (for ``cfg.text_encoder_world_only``).
     """
     if cfg.layout_first_steps and first_rows is None:
         raise ValueError("UNetConfig.layout_first_steps needs first_rows: the rows of each picture's layout captions")
     if cfg.shape_first_steps and primer is None:
         raise ValueError("UNetConfig.shape_first_steps needs primer: the primer's latents, caption rows and cell weights")
+    if cfg.text_encoder_world_only and (text is None or outside_rows is None):
+        raise ValueError("UNetConfig.text_encoder_world_only needs train_text_encoder, a CaptionEncoder and "
+                         "outside_rows: a flag per caption row, set where it holds a word from outside the world")
     if cfg.pooled_dropout and empty_row is None:
         raise ValueError("UNetConfig.pooled_dropout needs empty_row: the row of the empty caption")
     if cfg.shape_weight and cell_weights is None:
@@ -328,6 +338,11 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
             enc_hidden, enc_pooled = text(rows + [empty_row] if cfg.pooled_dropout else rows)
             batch_hidden, batch_pooled, empty_pooled = enc_hidden[:len(rows)], enc_pooled[:len(rows)], \
                 enc_pooled[len(rows):]
+            if cfg.text_encoder_world_only:
+                # the same values; only the gradient into the encoder is cut for those captions
+                outside = torch.as_tensor(outside_rows)[torch.as_tensor(rows)]
+                batch_hidden = torch.where(outside[:, None, None], batch_hidden.detach(), batch_hidden)
+                batch_pooled = torch.where(outside[:, None], batch_pooled.detach(), batch_pooled)
         else:
             batch_hidden, batch_pooled = hidden[rows].float(), pooled[rows]
             empty_pooled = pooled[empty_row:empty_row + 1] if cfg.pooled_dropout else None
