@@ -1,5 +1,6 @@
 """The tiny profile's trained weights: the build path (short mode) and the shipped files."""
 import json
+import re
 import shutil
 
 import pytest
@@ -139,6 +140,20 @@ def test_the_shipped_weights_match_their_manifest_and_are_what_the_profile_loads
     cache = T.build_tiny_models(tmp_path / "cache")
     for rel in (T.UNET_REL, T.VAE_REL):
         assert (cache / rel).read_bytes() == (T.shipped_weights_dir() / rel).read_bytes()
+
+
+def test_weights_of_another_width_are_refused_before_loading(tmp_path):
+    """A build folder whose UNet (or VAE) was made at other channel widths than the kit's tiny classes
+    is refused with a message naming both widths, before any state dict is loaded."""
+    weights = tmp_path / "weights"
+    shutil.copytree(T.shipped_weights_dir(), weights)
+    manifest = json.loads((weights / "manifest.json").read_text())
+    wider = [c * 3 // 2 for c in T.CH]
+    (weights / "manifest.json").write_text(json.dumps({**manifest, "settings": {**manifest["settings"],
+                                                                                "unet_channels": wider}}))
+    with pytest.raises(T.ShippedWeightsError, match=re.escape(f"UNet of channels {wider}") + ".*build-tiny"):
+        T.build_tiny_models(tmp_path / "cache", weights=weights)
+    assert not (tmp_path / "cache" / T.UNET_REL).exists()
 
 
 def test_the_build_defaults_are_the_shipped_recipe():

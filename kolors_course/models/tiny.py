@@ -607,6 +607,15 @@ def install_trained_models(cache_dir: str | os.PathLike, weights: Path, force: b
     """
     cache_dir, weights = Path(cache_dir), Path(weights)
     manifest = check_shipped(weights)
+    # the classes are built at this module's widths: a build at other widths would fail deep in a
+    # state-dict load with a tensor-shape message, so say it here
+    for key, name, ours in (("unet_channels", "UNet", CH), ("vae_channels", "VAE", VAE_CH)):
+        theirs = manifest.get("settings", {}).get(key)
+        if theirs is not None and list(theirs) != list(ours):
+            raise ShippedWeightsError(
+                f"{weights} holds a {name} of channels {list(theirs)}, but this kit's tiny "
+                f"models are built with {list(ours)} (kolors_course.models.tiny): rebuild the weights with this "
+                "kit's `kolors-course build-tiny`, or load them with the kit version that made them.")
     shas = {k: v["sha256"] for k, v in manifest["files"].items()}
     if _cache_is(cache_dir, FORMAT_VERSION, shas) and not force:
         return cache_dir      # a rebuilt or updated kit has other hashes, and refreshes the cache
