@@ -239,8 +239,7 @@ def _unet_stage(out_dir, world, stats, knobs, settings, seed, quick, unet_lr, dt
         hidden = pooled = None
         n_captions = len(text.index)
         empty_row = text.index[""]
-        by_row = sorted(text.index, key=text.index.get)
-        outside_rows = torch.tensor([W.has_outside_word(c) for c in by_row])
+        outside_rows = torch.tensor([W.has_outside_word(c) for c in text.captions])
     else:
         all_rows, hidden, pooled, n_captions, empty_row = _encoded_captions(captions, log)
     rows = all_rows[:n_world]

@@ -169,6 +169,7 @@ class CaptionEncoder:
 
     def __init__(self, prompter, captions):
         distinct = sorted(set(captions) | {""})
+        self.captions = distinct                  # row i's caption
         self.index = {t: i for i, t in enumerate(distinct)}
         self.text_encoder = prompter.text_encoder
         self.max_length = padded_length(prompter)
@@ -320,6 +321,7 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
     side = h * 8
     add_time_id = torch.tensor([side, w * 8, 0, 0, side, w * 8]).repeat(cfg.batch_size)
     plain = replace(cfg, x0_weight_cap=None, high_t_fraction=0.0)    # outside the noisy-weight window
+    outside_rows = None if outside_rows is None else torch.as_tensor(outside_rows)
     unet.train()
     if text is not None:
         text.text_encoder.train()
@@ -343,7 +345,7 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: list[list[int]], hidde
                 enc_pooled[len(rows):]
             if cfg.text_encoder_world_only:
                 # the same values; only the gradient into the encoder is cut for those captions
-                outside = torch.as_tensor(outside_rows)[torch.as_tensor(rows)]
+                outside = outside_rows[torch.as_tensor(rows)]
                 batch_hidden = torch.where(outside[:, None, None], batch_hidden.detach(), batch_hidden)
                 batch_pooled = torch.where(outside[:, None], batch_pooled.detach(), batch_pooled)
         else:
