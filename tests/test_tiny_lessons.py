@@ -79,49 +79,24 @@ def test_each_prompt_part_changes_what_it_names(pipe):
 
 
 # --- the LoRA lesson: notebook 02's pastel data set, notebook 03's training, notebook 04's dial --
-def pastel_index(img) -> float:
-    """How far the picture is lifted towards white: the mean of each pixel's smallest channel
-    (0..1).  The world's pastel look (马卡龙色) mixes every colour 55% towards white."""
-    return float(np.asarray(img, np.float32).min(axis=2).mean() / 255)
+pastel_index = E.pastel_index     # the story tests below measure with it too
 
 
 @pytest.fixture(scope="module")
 def lora(tmp_path_factory):
     """The tiny LoRA as notebooks 02 and 03 make it, with the profile's defaults."""
     from kolors_course.core.profiles import choose_profile
-    from kolors_course.data.build import Captions, build_training_set
-    from kolors_course.lora.config import TrainConfig
-    from kolors_course.lora.train import train_lora
 
     prof = choose_profile("tiny")
-    root = tmp_path_factory.mktemp("lesson")
-    ds = build_training_set("synthetic", root / "ds", recipe=prof.recipe(),
-                            captions=Captions(mode="source", trigger=prof.trigger_word),
-                            synthetic_size=prof.width)
-    cfg = TrainConfig.for_profile(prof, trigger_words=[prof.trigger_word])
-    return train_lora(prof, ds.folder, root / "run", cfg).files["lora"], prof
+    return E.lesson_lora(prof, tmp_path_factory.mktemp("lesson")), prof
 
 
 @pytest.fixture(scope="module")
 def lora_sweep(lora, pipe):
     """The pastel index at LoRA strengths 0 / 0.5 / 1 / 1.5 with the trigger word, and at strength
     1 and 0 on the same prompts without it."""
-    from kolors_course.generation.text2image import generate
-    from kolors_course.lora.strength import set_lora_scale
-
     path, prof = lora
-    prompts = [f"{prof.trigger_word}，一个{c}的{s}，{b}背景"
-               for c, s, b in (("红色", "圆形", "蓝色"), ("黄色", "星形", "紫色"), ("绿色", "正方形", "黑色"))]
-    index = {}
-    for strength in (0.0, 0.5, 1.0, 1.5):
-        set_lora_scale(pipe, path, strength)
-        index[strength] = np.mean([pastel_index(generate(pipe, p, seed=s)) for p in prompts for s in (1, 2)])
-    plain = [p.split("，", 1)[1] for p in prompts]            # the same prompts without the trigger word
-    set_lora_scale(pipe, path, 1.0)
-    leak = np.mean([pastel_index(generate(pipe, p, seed=s)) for p in plain for s in (1, 2)])
-    set_lora_scale(pipe, path, 0.0)
-    base_plain = np.mean([pastel_index(generate(pipe, p, seed=s)) for p in plain for s in (1, 2)])
-    return index, leak, base_plain
+    return E.lora_sweep(pipe, path, prof.trigger_word)
 
 
 def test_the_lora_calls_up_its_style_and_the_dial_fades_it_in(lora_sweep):

@@ -239,3 +239,51 @@ def evaluate_control(pipe, seeds=range(16), strengths=(0.0, 1.0), steps: int = E
         out["canny"][f"{strength:g}"] = float(np.mean(f1))
         out["colour"][f"{strength:g}"] = float(np.mean(err))
     return out
+
+
+# --- the LoRA lesson (notebooks 02-04): one measure for the tests and bench/experiments ---------
+#: the prompts the look is measured on: the trigger word first, then a world caption
+LORA_PROMPTS = (("红色", "圆形", "蓝色"), ("黄色", "星形", "紫色"), ("绿色", "正方形", "黑色"))
+
+
+def pastel_index(img) -> float:
+    """How far the picture is lifted towards white: the mean of each pixel's smallest channel
+    (0..1).  The world's pastel look (马卡龙色) mixes every colour 55% towards white."""
+    return float(np.asarray(img, np.float32).min(axis=2).mean() / 255)
+
+
+def lesson_lora(profile, root, seed: int = 0):
+    """The tiny LoRA as notebooks 02 and 03 make it, with ``profile``'s settings, under ``root``:
+    the path of its file."""
+    from kolors_course.data.build import Captions, build_training_set
+    from kolors_course.lora.config import TrainConfig
+    from kolors_course.lora.train import train_lora
+
+    ds = build_training_set("synthetic", root / "ds", recipe=profile.recipe(),
+                            captions=Captions(mode="source", trigger=profile.trigger_word),
+                            synthetic_size=profile.width)
+    cfg = TrainConfig.for_profile(profile, trigger_words=[profile.trigger_word], seed=seed)
+    return train_lora(profile, ds.folder, root / "run", cfg).files["lora"]
+
+
+def lora_sweep(pipe, lora_path, trigger: str, strengths=(0.0, 0.5, 1.0, 1.5), seeds=(1, 2)):
+    """The pastel index at each strength on ``LORA_PROMPTS`` with the trigger word, and at
+    strength 1 and 0 on the same prompts without it: ``(index by strength, leak, base_plain)``.
+    The pipeline's LoRA is left at strength 0."""
+    from kolors_course.generation.text2image import generate
+    from kolors_course.lora.strength import set_lora_scale
+
+    plain = [f"一个{c}的{s}，{b}背景" for c, s, b in LORA_PROMPTS]
+    with_word = [f"{trigger}，{p}" for p in plain]
+
+    def mean_index(strength, prompts):
+        set_lora_scale(pipe, lora_path, strength)
+        return float(np.mean([pastel_index(generate(pipe, p, seed=s)) for p in prompts for s in seeds]))
+
+    try:
+        index = {strength: mean_index(strength, with_word) for strength in strengths}
+        leak = mean_index(1.0, plain)
+        base_plain = mean_index(0.0, plain)
+    finally:
+        set_lora_scale(pipe, lora_path, 0.0)
+    return index, leak, base_plain
