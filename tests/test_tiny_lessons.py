@@ -116,6 +116,26 @@ def test_the_lora_leaks_little_into_prompts_without_its_trigger(lora_sweep):
     assert leak - base_plain < 0.5 * gain, (leak, base_plain, index)
 
 
+@pytest.fixture(scope="module")
+def lora_content(lora, pipe):
+    path, prof = lora
+    return E.lora_content(pipe, path, prof.trigger_word)
+
+
+def test_the_lora_content_check_reads_the_base_pictures(lora_content):
+    """The check below can pass: without the LoRA the judge reads the asked shape colour and
+    background in the pictures of the LoRA prompts (trigger word first, the base model ignoring it)."""
+    assert lora_content[0.0] >= 0.8, lora_content
+
+
+@misses("the asked shape colour and background stay in 100% / 67% / 0% of the 6 pictures at strength "
+        "0 / 0.5 / 1: the look washes the shape out, while the pastel index rises all the same")
+def test_the_lora_keeps_the_picture_it_restyles(lora_content):
+    """A style LoRA changes the look, not the picture: at strength 1 with its trigger word, the
+    shape's colour and the background the prompt asks for are still there under the pastel lift."""
+    assert lora_content[1.0] >= 0.8, lora_content
+
+
 def test_the_story_draws_its_character_in_each_place(pipe, tmp_path):
     """Notebook 04's tiny story, as its base images are made (the trigger word first, the story's
     own negative prompt): the red star on the asked background.  With 黑色 as the story's negative

@@ -86,6 +86,25 @@ def test_lora_style_is_not_in_the_base_data():
     assert "lora_style" not in W.dataset.__code__.co_varnames
 
 
+def test_the_lora_content_check_sees_a_pastel_shape_and_not_a_washed_out_one():
+    """``evaluate.keeps_content``: a pastel render (the LoRA lesson's look) still shows its shape's
+    colour and background, and so does the plain render; a picture washed out to the background's
+    pastel with the shape gone does not, though its pastel index is higher than the render's."""
+    from kolors_course.world import evaluate as E
+
+    ok = 0
+    for i, s in enumerate(W.sample_scenes(24, seed=5)):
+        pastel = W.render(s, seed=i, lora_style=True)
+        ok += E.keeps_content(pastel, s.colour, s.background) and E.keeps_content(W.render(s, seed=i), s.colour,
+                                                                               s.background)
+        if s.painter:
+            continue
+        washed = np.full((128, 128, 3), W.pastel(W.COLOURS[s.background]), np.uint8)
+        assert not E.keeps_content(washed, s.colour, s.background), s
+        assert E.pastel_index(washed) >= E.pastel_index(W.render(s, seed=i)), s
+    assert ok >= 23, ok
+
+
 def test_judge_on_renders():
     """The judge's accuracy on 600 clean renders of random scenes: 100% on every attribute
     when this test was written (it must stay far above the models' targets)."""

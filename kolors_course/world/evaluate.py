@@ -252,6 +252,24 @@ def pastel_index(img) -> float:
     return float(np.asarray(img, np.float32).min(axis=2).mean() / 255)
 
 
+def unpastel(img, mix: float = W.PASTEL_MIX) -> np.ndarray:
+    """The picture with a pastel lift of ``mix`` taken out again (``scenes.pastel`` inverted):
+    a pastel render comes back as the world's own colours, which the judge reads."""
+    a = np.asarray(img, np.float32)
+    return np.clip((a - mix * 255) / (1 - mix), 0, 255).astype(np.uint8)
+
+
+def keeps_content(img, colour: str, background: str, mixes=(0.0, W.PASTEL_MIX / 2, W.PASTEL_MIX)) -> bool:
+    """Whether a styled picture still shows its prompt's shape colour and background under some
+    pastel lift (none, half, full): the pastel index alone also rises for a washed-out picture
+    whose shape is gone."""
+    for mix in mixes:
+        v = judge(unpastel(img, mix))
+        if v.colour == colour and v.background == background:
+            return True
+    return False
+
+
 def lesson_lora(profile, root, seed: int = 0):
     """The tiny LoRA as notebooks 02 and 03 make it, with ``profile``'s settings, under ``root``:
     the path of its file."""
@@ -264,6 +282,25 @@ def lesson_lora(profile, root, seed: int = 0):
                             synthetic_size=profile.width)
     cfg = TrainConfig.for_profile(profile, trigger_words=[profile.trigger_word], seed=seed)
     return train_lora(profile, ds.folder, root / "run", cfg).files["lora"]
+
+
+def lora_content(pipe, lora_path, trigger: str, strengths=(0.0, 0.5, 1.0), seeds=(1, 2)) -> dict:
+    """At each strength, the share of ``LORA_PROMPTS`` x ``seeds`` pictures (trigger word first)
+    that still show the asked shape colour and background (``keeps_content``): a LoRA that
+    brings its look keeps the picture.  The pipeline's LoRA is left at strength 0."""
+    from kolors_course.generation.text2image import generate
+    from kolors_course.lora.strength import set_lora_scale
+
+    out = {}
+    try:
+        for strength in strengths:
+            set_lora_scale(pipe, lora_path, strength)
+            kept = [keeps_content(generate(pipe, f"{trigger}，一个{c}的{s}，{b}背景", seed=seed), c, f"{b}")
+                    for c, s, b in LORA_PROMPTS for seed in seeds]
+            out[strength] = float(np.mean(kept))
+    finally:
+        set_lora_scale(pipe, lora_path, 0.0)
+    return out
 
 
 def lora_sweep(pipe, lora_path, trigger: str, strengths=(0.0, 0.5, 1.0, 1.5), seeds=(1, 2)):
