@@ -34,7 +34,8 @@ def trained(tiny, dataset_dir, tmp_path_factory):
     # between the layouts (to_out -> to_out.0), and self-attention's layers
     cfg = TrainConfig.for_profile(tiny, max_steps=40, learning_rate=1e-2, rank=4, alpha=8.0,
                                   target_modules=KOLORS.lora_target_modules,
-                                  validate_every=20, trigger_words=["几何风"], preserve_weight=0.0)
+                                  validate_every=20, checkpoint_every=16, trigger_words=["几何风"],
+                                  preserve_weight=0.0)
     # the set was built without a trigger word, so the kit warns that this one cannot be learned
     # (with preservation on it is an error: test_trigger_and_submission)
     with pytest.warns(UserWarning, match="is in none of the .* training captions"):

@@ -32,18 +32,20 @@ def metrics(pipe):
     return E.evaluate(pipe, seeds=SEEDS, parts=False)     # negative prompt: the two colours drawn most
 
 
+@misses("shape colour 88% (14 of 16), background 94% on these seeds (on 64 seeds no test uses: 91% and 100%; "
+        "README: the wide UNet traded a little colour for the shape and its place)")
 def test_the_colours_follow_the_prompt(metrics):
     """The shape's colour and the background's follow the prompt (chance: 1 in 8 each)."""
     a = metrics["adherence"]
     assert a["colour"] >= 0.90 and a["background"] >= 0.90, a
 
 
-@misses("shape 50% of 16 seeds (shapes are blobs; the judge's template fit on a blob, near chance on other seeds)")
+@misses("shape 56% of 16 seeds by the judge (42% on 64 other seeds): triangles and stars come out, but small "
+        "shapes stay blobs and the judge, calibrated on sharp renders, reads few generated stars")
 def test_the_shapes_follow_the_prompt(metrics):
     assert metrics["adherence"]["shape"] >= 0.75, metrics["adherence"]
 
 
-@misses("left/right right in 31%")
 def test_left_and_right_are_followed(metrics):
     assert metrics["position"]["accuracy"] >= 0.80, metrics["position"]
 
@@ -57,20 +59,19 @@ def test_cfg_scale_ten_burns_the_colours(metrics):
     assert c["clipped"]["10"] > c["clipped"]["4.0"], c
 
 
-@misses("all three attributes right: 50% at cfg 1 and 44% at cfg 4 (the shape, at chance, decides)")
+@misses("all three attributes right: 56% at cfg 1 and 44% at cfg 4 (cfg 4 costs two shape colours)")
 def test_cfg_scale_four_follows_the_prompt_better_than_one(metrics):
     c = metrics["cfg"]
     assert c["adherence_all"]["4.0"] > c["adherence_all"]["1"], c
 
 
-@misses("with 几何风 in front, 87% of the shape colour accuracy is kept (107% of the background's)")
 def test_an_unknown_word_is_ignored(metrics):
     kept = metrics["unknown_word"]["kept"]
     assert kept["colour"] >= 0.90 and kept["background"] >= 0.90 and kept["shape"] >= 0.90, kept
 
 
-@pytest.mark.xfail(strict=False, reason="the shipped tiny build's shapes are blobs and left/right does not "
-                                        "follow the words, so the subject and position parts cannot show")
+@pytest.mark.xfail(strict=False, reason="the subject part (the shape word) is read in 33% of its pictures against "
+                                        "chance's 25%: small shapes stay blobs")
 def test_each_prompt_part_changes_what_it_names(pipe):
     parts = E._parts(pipe, range(200, 206), E.EVAL_CFG, E.EVAL_STEPS, E.EVAL_SIZE)
     for name, p in parts.items():
@@ -128,7 +129,7 @@ def test_the_lora_content_check_reads_the_base_pictures(lora_content):
     assert lora_content[0.0] >= 0.8, lora_content
 
 
-@misses("the asked shape colour and background stay in 100% / 67% / 0% of the 6 pictures at strength "
+@misses("the asked shape colour and background stay in 100% / 33% / 0% of the 6 pictures at strength "
         "0 / 0.5 / 1: the look washes the shape out, while the pastel index rises all the same")
 def test_the_lora_keeps_the_picture_it_restyles(lora_content):
     """A style LoRA changes the look, not the picture: at strength 1 with its trigger word, the
@@ -155,6 +156,8 @@ def test_the_story_draws_its_character_in_each_place(pipe, tmp_path):
     assert sum(red) >= 6, [v.colour for v in verdicts]
 
 
+@misses("at the story's strength 0.35 the star stays red (or purple) on its 8 places, but the look does not show "
+        "(a rise of 0.00); at 0.5 the star went in 2 of 8 scenes (README: the LoRA's dial is a cliff on the wide UNet)")
 def test_the_story_at_its_lora_strength_keeps_its_star_and_takes_the_look(lora, pipe, tmp_path):
     """Notebook 04's story with notebook 03's LoRA at the story file's strength: every scene still
     shows the red star (red, orange, or purple where its blurred edge meets blue), nearly every
@@ -197,6 +200,8 @@ def control():
     return E.evaluate_control(cpipe, seeds=CONTROL_SEEDS)
 
 
+@misses("edge overlap 0.16 at strength 0 -> 0.29 at strength 1 on these seeds: the prompt alone now draws a "
+        "sharp-edged shape, often where the reference has one")
 def test_generated_edges_follow_the_canny_condition(control):
     """Edge overlap (F1 of the picture's Canny edges against the reference's, 3-pixel tolerance):
     at strength 1 at least twice that at strength 0 (the prompt alone, which does not say where)."""
@@ -204,15 +209,15 @@ def test_generated_edges_follow_the_canny_condition(control):
     assert c["1"] >= 2 * c["0"], c
 
 
-@misses("edge overlap 0.14 at strength 0 -> 0.34 at strength 1 on these seeds: the shape goes where the "
-        "reference's is, with a sharp edge, but as a blob, not the reference's outline")
+@misses("edge overlap 0.16 at strength 0 -> 0.29 at strength 1 on these seeds: the shape goes where the "
+        "reference's is, but a small one stays a blob, not the reference's outline")
 def test_generated_outlines_match_the_reference(control):
     """An absolute target for the same measure: at strength 1 a third of the outline recovered."""
     assert control["canny"]["1"] >= 0.35, control["canny"]
 
 
-@misses("colour-layout error 41 at strength 0 -> 33 at strength 1 on these seeds (an older build: "
-        "91 -> 45): the prompt's colours are now right without the condition, and the ControlNet moves the "
+@misses("colour-layout error 43 at strength 0 -> 33 at strength 1 on these seeds (an older build: "
+        "91 -> 45): the prompt's colours are right without the condition, and the ControlNet moves the "
         "shape towards the reference's cells but not far enough")
 def test_the_colour_layout_follows_the_colour_condition(control):
     """Mean RGB distance between the 8x8 colour grids of picture and condition: at strength 1 at
@@ -221,10 +226,11 @@ def test_the_colour_layout_follows_the_colour_condition(control):
     assert c["1"] <= 0.5 * c["0"], c
 
 
-def test_notebook_05s_reference_moves_the_star_where_the_prompt_cannot():
-    """Notebook 05 on tiny, as it runs: the story's scene 2 asks for the star on the right, which the
-    UNet (deaf to place words) draws left of centre; the profile's reference, a star on the right,
-    moves it right under either condition, and both measures improve from strength 0 to 1."""
+def test_notebook_05s_reference_outranks_the_place_word():
+    """Notebook 05 on tiny, as it runs: the story's scene 2 asks for the star on the right, and the
+    UNet draws it there; the profile's reference has its star on the left, and its canny edges at
+    strength 1 move the star to the left, against the word, and the edge overlap rises.  The coarse
+    colour grid does not outrank the word (the star stays on the right; README, notebook 05)."""
     from kolors_course.control.conditions import extract_condition, load_reference
     from kolors_course.control.measure import colour_layout_error, edge_overlap
     from kolors_course.core.profiles import choose_profile
@@ -237,19 +243,21 @@ def test_notebook_05s_reference_moves_the_star_where_the_prompt_cannot():
     tale = load_story(prof.story)
     settings = generation_settings(tale, prof)
     ref, _ = load_reference(prof.reference, width=settings["width"], height=settings["height"])
-    assert judge(ref).position == "右边"
+    assert judge(ref).position == "左边"
     cpipe = load_pipeline(prof, controlnet=True)
     look = dict(negative_prompt=tale.negative, seed=tale.scenes[0].seed, cfg_scale=settings["cfg_scale"],
                 steps=settings["steps"], height=settings["height"], width=settings["width"])
     alone = judge(generate(cpipe, tale.prompt(1), **look))
-    assert alone.centre_x < 0.5, alone
-    for kind, measure, better in (("canny", edge_overlap, max), ("colour", colour_layout_error, min)):
-        cond = extract_condition(ref, kind)
-        pics = {s: generate(cpipe, tale.prompt(1), control_image=cond, control=kind, control_strength=s, **look)
-                for s in (0.0, 1.0)}
-        assert judge(pics[1.0]).centre_x > 0.55, (kind, judge(pics[1.0]))
-        scores = {s: measure(p, cond) for s, p in pics.items()}
-        assert better(scores.values()) == scores[1.0] != scores[0.0], (kind, scores)
+    assert alone.centre_x > 0.55 and alone.colour == "红色", alone
+    cond = extract_condition(ref, "canny")
+    pics = {s: generate(cpipe, tale.prompt(1), control_image=cond, control="canny", control_strength=s, **look)
+            for s in (0.0, 1.0)}
+    moved = judge(pics[1.0])
+    assert moved.centre_x < 0.45 and moved.colour == "红色", moved
+    assert edge_overlap(pics[1.0], cond) > edge_overlap(pics[0.0], cond)
+    grid = extract_condition(ref, "colour")
+    by_grid = generate(cpipe, tale.prompt(1), control_image=grid, control="colour", control_strength=1.0, **look)
+    assert colour_layout_error(by_grid, grid) < colour_layout_error(pics[0.0], grid)
 
 
 def test_which_words_the_shipped_unet_reads(pipe):
@@ -261,7 +269,8 @@ def test_which_words_the_shipped_unet_reads(pipe):
     folder, stats = _shipped_stats()
     r = word_reliance(pipe.unet.eval(), stats, n=24, timesteps=(900,), weights=folder)[900]
     assert r["background_cells"]["background"] > 1.3, r      # a wrong background word costs there
-    assert all(0.2 < v < 20 for cells in r.values() for v in cells.values()), r
+    # finite: a wrong background word costs 20x on the background's cells (an older UNet: 14x)
+    assert all(0.2 < v < 100 for cells in r.values() for v in cells.values()), r
     # ... and hears it through cross-attention, where the LoRA of notebook 03 acts (a UNet that read
     # its words from the pooled embedding alone, 1.06 here, left that LoRA almost nothing to change)
     tokens = word_reliance(pipe.unet.eval(), stats, n=24, timesteps=(900,), weights=folder, path="tokens")[900]
@@ -289,15 +298,13 @@ def positions(pipe):
 
 
 def test_the_position_probe_sees_where_the_noisy_latent_puts_the_shape(positions):
-    """The probe behind the left/right miss can see a shift when there is one: the true pictures'
+    """The probe behind left/right (a miss with the narrow UNet) can see a shift when there is one: the true pictures'
     shapes are about 6 cells apart, and at timestep 400 the UNet's predicted clean latent puts the
     shape where the noisy latent says (right-hand pictures' shapes well to the right)."""
     assert positions["true_shift"] > 4, positions
     assert positions[400]["latent_shift"] > 2, positions
 
 
-@misses("the predicted clean latent's shape moves 0.00 / 0.00 cells (timesteps 900 / 400) when the caption says "
-        "右边 instead of 左边 (README: the UNet ignores the position word, while it follows the noisy latent's position)")
 def test_the_position_word_moves_the_predicted_shape(positions):
     """At the noisiest steps, where the layout is decided, saying 右边 instead of 左边 moves the
     predicted shape to the right by at least a third of the true distance."""
@@ -325,8 +332,8 @@ def test_the_attention_probe_accounts_for_every_token(attention):
     assert mass["背景"] > 3 * _uniform(attention), attention
 
 
-@misses("cross-attention at timestep 900 gives 圆形 0.017 and 左边 0.014 of its mass, under uniform attention's "
-        "0.021 (1/48), against 0.12 for 背景 (README: why left and right fail)")
+@misses("cross-attention at timestep 900 gives 圆形 0.010 and 左边 0.025 of its mass, against uniform attention's "
+        "0.021 (1/48) and 0.19 for 背景: the UNet reads the place word without looking at it much")
 def test_the_unet_looks_at_the_shape_and_position_words(attention):
     mass = dict(attention["tokens"])
     assert mass["圆形"] > 3 * _uniform(attention) and mass["左边"] > 3 * _uniform(attention), attention
@@ -348,7 +355,7 @@ def test_the_vae_carries_big_shapes(recovery):
 
 
 @misses("at timestep 200, where the noisy latent still shows the shape, the UNet's predicted clean latent "
-        "keeps it in 44% of 32 scenes, where the decoded target latents keep 91% (README: the UNet draws blobs)")
+        "keeps it in 66% of 32 scenes, where the decoded target latents keep 91% (the narrow UNet: 44%)")
 def test_the_unet_keeps_a_shape_it_can_see(recovery):
     """At low noise the UNet's predicted clean latent keeps big shapes nearly as often as the VAE does."""
     assert recovery[200] >= 0.8 * recovery["round_trip"], recovery

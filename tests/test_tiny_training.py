@@ -37,6 +37,9 @@ def test_quick_build_writes_the_real_layout(quick_build):
     for key in ("command", "seed", "seconds", "versions", "losses", "judge", "cell_stats"):
         assert key in manifest
     assert manifest["versions"]["torch"] == torch.__version__
+    # the recipe's layout curriculum keeps its share of a shorter run (1,500 of 8,000 steps)
+    unet = manifest["settings"]["unet"]
+    assert 0 < unet["layout_first_steps"] < unet["steps"] < 100
 
 
 def test_quick_build_loss_falls(quick_build):

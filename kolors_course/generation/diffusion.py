@@ -212,8 +212,10 @@ def train_from_scratch(profile, prompt: str = "一个红色的圆形，蓝色背
 
     sample(0)
     # The build's recipe, but the text encoder the profile loads stays as it is (where the build
-    # trained its layers with the UNet, they are kept): this lesson trains the UNet alone.
-    recipe = {**UNET_RECIPE, "train_text_encoder": False}
+    # trained its layers with the UNet, they are kept): this lesson trains the UNet alone, on the
+    # world's own captions (the build's layout curriculum fills its first 1,500 steps, more than
+    # this lesson runs, with captions drawn for it).
+    recipe = {**UNET_RECIPE, "train_text_encoder": False, "layout_first_steps": 0}
     cfg = UNetConfig(steps=steps, batch_size=batch_size, learning_rate=1e-3, warmup_steps=min(10, steps),
                      seed=seed, log_every=10 ** 9, ema_decay=0.0, **recipe)
     coverage = W.shape_coverage_batch(scene_list, size, range(len(scene_list))) if cfg.shape_weight else None

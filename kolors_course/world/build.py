@@ -37,14 +37,14 @@ from kolors_course.world.train_vae import CellStats, VAEConfig, encoder_error, f
 #: VAE on whole pictures: trained on crops it drew colour casts and border artefacts on whole
 #: 128-pixel pictures (its GroupNorms see other statistics); the UNet learns fast, the VAE slowly.
 DEFAULTS = dict(n_scenes=2500, captions_per_scene=3, vae_images=2500, vae_steps=1200, vae_crop=128,
-                unet_steps=4000, unet_batch=32, vae_batch=8, controlnet_steps=3000, controlnet_batch=16)
+                unet_steps=8000, unet_batch=32, vae_batch=8, controlnet_steps=3000, controlnet_batch=16)
 #: the UNet's training recipe beyond the loop's defaults (see UNetConfig for why each is there).
 #: README "The tiny world" has each one's measured effect: the text encoder's layers trained with
 #: the UNet bind each colour word to its noun, the shape weight makes the shape count in the loss,
 #: and the pooled dropout keeps the words in the token states that cross-attention (and so the
 #: course's LoRA) reads; without it the UNet read every word from the pooled embedding alone.
 UNET_RECIPE = dict(offset_noise=0.3, high_t_fraction=0.3, high_t_start=0.6, x0_weight_cap=100.0,
-                   train_text_encoder=True, shape_weight=12.0, pooled_dropout=0.5)
+                   train_text_encoder=True, shape_weight=12.0, pooled_dropout=0.5, layout_first_steps=1500)
 #: the VAE's training recipe beyond ``VAEConfig``'s defaults: the edge-weighted pixel loss makes the
 #: decoder spend its effort on outlines (README "The tiny world": the shapes the judge reads back
 #: through its round trip).
@@ -141,6 +141,12 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
                                    vae_steps=vae_steps, unet_steps=unet_steps, unet_batch=unet_batch,
                                    vae_batch=vae_batch, controlnet_steps=controlnet_steps))
         recipe = {**UNET_RECIPE, **(unet_recipe or {})}
+        if "layout_first_steps" not in (unet_recipe or {}) and knobs["unet_steps"] != DEFAULTS["unet_steps"]:
+            # the recipe's curriculum is a share of the run (1,500 of 8,000 steps): a shorter or
+            # longer run (--unet-steps, or the tests' quick build) keeps that share, not the count
+            share = UNET_RECIPE["layout_first_steps"] / DEFAULTS["unet_steps"]
+            steps = knobs["unet_steps"]
+            recipe["layout_first_steps"] = min(max(1, round(steps * share)), steps - 1)   # 1 step: none
         unknown = set(recipe) - set(UNetConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown UNet recipe entries {sorted(unknown)}: see UNetConfig")
