@@ -82,21 +82,44 @@ def declared_parameters(nb_path: Path) -> dict:
     return papermill.inspect_notebook(str(nb_path))
 
 
-def kernel_manager_class():
-    """The kernel manager the runner starts kernels with: IPC transport where it exists.
+def kernel_manager_class(log_file: str | os.PathLike | None = None):
+    """The kernel manager the runner starts kernels with: IPC transport where it exists, and the
+    kernel's own stderr in ``log_file`` when one is given.
 
     The kernel and the runner are on the same machine, so they talk over Unix
     sockets (in Jupyter's runtime folder, readable by this user only) instead of
     TCP ports on localhost; ipykernel then has no reason to print, for every
     notebook, that it is "running over TCP without encryption".  Windows has no
-    IPC transport in ZeroMQ and keeps TCP (and the message)."""
+    IPC transport in ZeroMQ and keeps TCP (and the message).
+
+    What a cell writes to ``sys.stderr`` lands in the notebook either way; ``log_file`` takes what the
+    kernel process itself writes to its stderr (ipykernel's log, for instance the traceback it logs
+    when a stop interrupts a cell, which would otherwise land in the middle of the run's summary).
+    The file is removed again when the kernel left nothing in it."""
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import default
 
-    if os.name == "nt":
-        return AsyncKernelManager
+    class LoggedKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            if log_file is not None:
+                Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+                self._kernel_log = open(log_file, "wb")        # this run's, not an earlier one's
+                kw["stderr"] = self._kernel_log
+            await super()._async_launch_kernel(kernel_cmd, **kw)
 
-    class IPCKernelManager(AsyncKernelManager):
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            log = getattr(self, "_kernel_log", None)
+            if not restart and log is not None:
+                log.close()
+                self._kernel_log = None
+                if os.path.getsize(log.name) == 0:
+                    os.remove(log.name)
+
+    if os.name == "nt":
+        return LoggedKernelManager
+
+    class IPCKernelManager(LoggedKernelManager):
         @default("transport")
         def _default_transport(self):
             return "ipc"
@@ -187,12 +210,13 @@ def _run_each(paths, declared, parameters, profile, out_dir, kernel_name, cell_t
         # executed into a working copy: the copy from an earlier run that finished stays in
         # place until this one finishes too; a failed or stopped run keeps its copy beside it
         running = target.with_name(f"{nb.stem}.running.ipynb")
+        kernel_log = target.with_name(f"{nb.stem}.kernel.log")     # kept only if the kernel wrote to it
         res = NotebookResult(nb.stem, "ok", output=relative_to_root(target), parameters=params)
         try:
             pm.execute_notebook(str(nb), str(running), parameters=params, kernel_name=kernel_name,
                                 cwd=str(nb.parent), progress_bar=False, log_output=log_output,
                                 execution_timeout=cell_timeout,
-                                kernel_manager_class=kernel_manager_class())
+                                kernel_manager_class=kernel_manager_class(kernel_log))
         except PapermillExecutionError as exc:
             # exec_count is the [n] shown in the executed copy (papermill's
             # injected-parameters cell counts too)
@@ -204,6 +228,8 @@ def _run_each(paths, declared, parameters, profile, out_dir, kernel_name, cell_t
         except Exception as exc:   # kernel died, timeout, bad notebook
             res.status, res.error = "failed", f"{type(exc).__name__}: {exc}"
         res.seconds = round(time.perf_counter() - t0, 1)
+        if res.status == "failed" and kernel_log.exists():
+            res.error += f"; the kernel's own messages: {relative_to_root(kernel_log)}"
         kept = _keep_executed_copy(running, target, res.status)
         if kept is not None:
             res.output = relative_to_root(kept)

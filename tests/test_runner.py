@@ -53,6 +53,25 @@ def test_a_rerun_that_fails_keeps_the_finished_copy_and_the_summary_keeps_the_ot
     assert [e["status"] for e in summary["results"]] == ["ok", "ok"]
 
 
+def test_the_kernels_own_stderr_goes_to_a_log_beside_the_notebook(tmp_path, capfd):
+    """What the kernel process writes to its stderr outside a cell's sys.stderr (ipykernel's log, a C
+    library) lands in ``<notebook>.kernel.log``, not in the middle of the run's summary; a
+    notebook whose kernel wrote nothing leaves no log, and a failure names the log."""
+    quiet = _notebook(tmp_path / "01_quiet.ipynb", "print('fine')")
+    loud = _notebook(tmp_path / "02_loud.ipynb",
+                     "import os\nos.write(2, b'written to the kernel fd 2\\n')\nassert answer == 2, 'answer must be 2'")
+    out = tmp_path / "out"
+    assert cli.main(["run", str(quiet), str(loud), "--out", str(out)]) == 1
+    captured = capfd.readouterr()
+    assert "written to the kernel fd 2" not in captured.out + captured.err
+    log = out / "notebooks" / "02_loud.kernel.log"
+    assert "written to the kernel fd 2" in log.read_text()
+    assert not (out / "notebooks" / "01_quiet.kernel.log").exists()
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    failed = [r for r in summary["results"] if r["status"] == "failed"]
+    assert [r["notebook"] for r in failed] == ["02_loud"] and "02_loud.kernel.log" in failed[0]["error"]
+
+
 def test_a_stopped_run_writes_its_summary_says_how_to_go_on_and_leaves_no_kernel(tmp_path):
     import signal
     import subprocess
