@@ -146,7 +146,7 @@ def build_tiny(out_dir, seed: int = 0, vae_steps: int | None = None, unet_steps:
             # longer run (--unet-steps, or the tests' quick build) keeps that share, not the count
             share = UNET_RECIPE["layout_first_steps"] / DEFAULTS["unet_steps"]
             steps = knobs["unet_steps"]
-            recipe["layout_first_steps"] = min(max(1, round(steps * share)), steps - 1)   # 1 step: none
+            recipe["layout_first_steps"] = min(max(1, round(steps * share)), steps - 1) if steps > 1 else 0
         unknown = set(recipe) - set(UNetConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown UNet recipe entries {sorted(unknown)}: see UNetConfig")

@@ -246,6 +246,12 @@ def evaluate_control(pipe, seeds=range(16), strengths=(0.0, 1.0), steps: int = E
 LORA_PROMPTS = (("红色", "圆形", "蓝色"), ("黄色", "星形", "紫色"), ("绿色", "正方形", "黑色"))
 
 
+def lora_prompt(colour: str, shape: str, background: str, trigger: str = "") -> str:
+    """One of ``LORA_PROMPTS`` as a caption, the trigger word first when given."""
+    plain = f"一个{colour}的{shape}，{background}背景"
+    return f"{trigger}，{plain}" if trigger else plain
+
+
 def pastel_index(img) -> float:
     """How far the picture is lifted towards white: the mean of each pixel's smallest channel
     (0..1).  The world's pastel look (马卡龙色) mixes every colour 55% towards white."""
@@ -295,7 +301,7 @@ def lora_content(pipe, lora_path, trigger: str, strengths=(0.0, 0.5, 1.0), seeds
     try:
         for strength in strengths:
             set_lora_scale(pipe, lora_path, strength)
-            kept = [keeps_content(generate(pipe, f"{trigger}，一个{c}的{s}，{b}背景", seed=seed), c, f"{b}")
+            kept = [keeps_content(generate(pipe, lora_prompt(c, s, b, trigger), seed=seed), c, b)
                     for c, s, b in LORA_PROMPTS for seed in seeds]
             out[strength] = float(np.mean(kept))
     finally:
@@ -310,8 +316,8 @@ def lora_sweep(pipe, lora_path, trigger: str, strengths=(0.0, 0.5, 1.0, 1.5), se
     from kolors_course.generation.text2image import generate
     from kolors_course.lora.strength import set_lora_scale
 
-    plain = [f"一个{c}的{s}，{b}背景" for c, s, b in LORA_PROMPTS]
-    with_word = [f"{trigger}，{p}" for p in plain]
+    plain = [lora_prompt(*p) for p in LORA_PROMPTS]
+    with_word = [lora_prompt(*p, trigger) for p in LORA_PROMPTS]
 
     def mean_index(strength, prompts):
         set_lora_scale(pipe, lora_path, strength)
