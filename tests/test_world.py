@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from kolors_course.world import judge as J
 from kolors_course.world import scenes as W
@@ -23,8 +24,6 @@ def test_same_seed_same_bytes():
 
 
 def test_scene_rules():
-    import pytest
-
     with pytest.raises(ValueError):
         W.Scene("圆形", "红色", "红色")
     with pytest.raises(ValueError):
@@ -103,6 +102,39 @@ def test_the_lora_content_check_sees_a_pastel_shape_and_not_a_washed_out_one():
         assert not E.keeps_content(washed, s.colour, s.background), s
         assert E.pastel_index(washed) >= E.pastel_index(W.render(s, seed=i)), s
     assert ok >= 23, ok
+
+
+HAND_LABELLED = Path(__file__).parent / "data" / "judge_hand_labels"
+
+
+def _agreement_with_hand_labels() -> tuple[int, int]:
+    """(pictures whose shape the judge reads as the hand label says, pictures)."""
+    import json
+
+    from PIL import Image
+
+    pictures = json.loads((HAND_LABELLED / "labels.json").read_text(encoding="utf-8"))["pictures"]
+    agree = 0
+    for p in pictures:
+        with Image.open(HAND_LABELLED / p["file"]) as im:
+            agree += J.judge(im.convert("RGB")).shape == p["hand"]
+    return agree, len(pictures)
+
+
+def test_the_judge_on_generated_shapes_against_hand_labels():
+    """How far the judge's shape can be trusted on generated pictures (soft edges, stubby points):
+    on 32 pictures of the shipped UNet, labelled by eye, it agrees in 20 (2026-12-07; every miss a
+    soft square, triangle or star read as a circle).  A floor: a judge change that reads generated
+    shapes worse fails here."""
+    agree, n = _agreement_with_hand_labels()
+    assert agree >= 20, (agree, n)
+
+
+@pytest.mark.xfail(strict=True, reason="the judge agrees with the hand labels on 20 of 32 generated pictures: "
+                                       "it reads soft-edged squares, triangles and stars as circles")
+def test_the_judge_reads_generated_shapes_as_a_person_does():
+    agree, n = _agreement_with_hand_labels()
+    assert agree >= 28, (agree, n)
 
 
 def test_judge_on_renders():
