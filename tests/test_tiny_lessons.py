@@ -93,11 +93,16 @@ def lora(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lora_sweep(lora, pipe):
-    """The pastel index at LoRA strengths 0 / 0.5 / 1 / 1.5 with the trigger word, and at strength
-    1 and 0 on the same prompts without it."""
+def lora_measured(lora, pipe):
+    """The pastel index at LoRA strengths 0 / 0.5 / 1 / 1.5 with the trigger word, at strength 1 and
+    0 on the same prompts without it, and the share of pictures that keep their colours."""
     path, prof = lora
-    return E.lora_sweep(pipe, path, prof.trigger_word)
+    return E.lora_measures(pipe, path, prof.trigger_word)
+
+
+@pytest.fixture(scope="module")
+def lora_sweep(lora_measured):
+    return lora_measured["index"], lora_measured["leak"], lora_measured["base_plain"]
 
 
 def test_the_lora_calls_up_its_style_and_the_dial_fades_it_in(lora_sweep):
@@ -118,9 +123,8 @@ def test_the_lora_leaks_little_into_prompts_without_its_trigger(lora_sweep):
 
 
 @pytest.fixture(scope="module")
-def lora_content(lora, pipe):
-    path, prof = lora
-    return E.lora_content(pipe, path, prof.trigger_word)
+def lora_content(lora_measured):
+    return lora_measured["kept"]
 
 
 def test_the_lora_content_check_reads_the_base_pictures(lora_content):

@@ -290,43 +290,31 @@ def lesson_lora(profile, root, seed: int = 0):
     return train_lora(profile, ds.folder, root / "run", cfg).files["lora"]
 
 
-def lora_content(pipe, lora_path, trigger: str, strengths=(0.0, 0.5, 1.0), seeds=(1, 2)) -> dict:
-    """At each strength, the share of ``LORA_PROMPTS`` x ``seeds`` pictures (trigger word first)
-    that still show the asked shape colour and background (``keeps_content``): a LoRA that
-    brings its look keeps the picture.  The pipeline's LoRA is left at strength 0."""
+def lora_measures(pipe, lora_path, trigger: str, strengths=(0.0, 0.5, 1.0, 1.5), seeds=(1, 2)) -> dict:
+    """The LoRA lesson's measures on ``LORA_PROMPTS`` x ``seeds``, each picture made once:
+    ``index`` (the pastel index at each strength, trigger word first), ``kept`` (the share of those
+    pictures that still show the asked shape colour and background, ``keeps_content``: the index
+    alone also rises when the look washes the shape out), ``leak`` and ``base_plain`` (the index
+    without the trigger word at strength 1 and 0).  The pipeline's LoRA is left at strength 0."""
     from kolors_course.generation.text2image import generate
     from kolors_course.lora.strength import set_lora_scale
 
-    out = {}
+    def pictures(strength, with_trigger):
+        set_lora_scale(pipe, lora_path, strength)
+        return [(generate(pipe, lora_prompt(c, s, b, trigger if with_trigger else ""), seed=seed), c, b)
+                for c, s, b in LORA_PROMPTS for seed in seeds]
+
+    def mean_index(pics):
+        return float(np.mean([pastel_index(im) for im, _, _ in pics]))
+
+    out = {"index": {}, "kept": {}}
     try:
         for strength in strengths:
-            set_lora_scale(pipe, lora_path, strength)
-            kept = [keeps_content(generate(pipe, lora_prompt(c, s, b, trigger), seed=seed), c, b)
-                    for c, s, b in LORA_PROMPTS for seed in seeds]
-            out[strength] = float(np.mean(kept))
+            pics = pictures(strength, True)
+            out["index"][strength] = mean_index(pics)
+            out["kept"][strength] = float(np.mean([keeps_content(im, c, b) for im, c, b in pics]))
+        out["leak"] = mean_index(pictures(1.0, False))
+        out["base_plain"] = mean_index(pictures(0.0, False))
     finally:
         set_lora_scale(pipe, lora_path, 0.0)
     return out
-
-
-def lora_sweep(pipe, lora_path, trigger: str, strengths=(0.0, 0.5, 1.0, 1.5), seeds=(1, 2)):
-    """The pastel index at each strength on ``LORA_PROMPTS`` with the trigger word, and at
-    strength 1 and 0 on the same prompts without it: ``(index by strength, leak, base_plain)``.
-    The pipeline's LoRA is left at strength 0."""
-    from kolors_course.generation.text2image import generate
-    from kolors_course.lora.strength import set_lora_scale
-
-    plain = [lora_prompt(*p) for p in LORA_PROMPTS]
-    with_word = [lora_prompt(*p, trigger) for p in LORA_PROMPTS]
-
-    def mean_index(strength, prompts):
-        set_lora_scale(pipe, lora_path, strength)
-        return float(np.mean([pastel_index(generate(pipe, p, seed=s)) for p in prompts for s in seeds]))
-
-    try:
-        index = {strength: mean_index(strength, with_word) for strength in strengths}
-        leak = mean_index(1.0, plain)
-        base_plain = mean_index(0.0, plain)
-    finally:
-        set_lora_scale(pipe, lora_path, 0.0)
-    return index, leak, base_plain
