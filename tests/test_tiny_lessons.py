@@ -40,8 +40,9 @@ def test_the_colours_follow_the_prompt(metrics):
     assert a["colour"] >= 0.90 and a["background"] >= 0.90, a
 
 
-@misses("shape 56% of 16 seeds by the judge (42% on 64 other seeds): triangles and stars come out, but small "
-        "shapes stay blobs and the judge, calibrated on sharp renders, reads few generated stars")
+@misses("shape 50% of 16 seeds by the judge (69% on 64 other seeds, 42% on the build's 12; the judge reads "
+        "28 of 32 hand-labelled generated shapes as a person does): looked at, asked circles often come out as "
+        "wide rounded rectangles or squares, and small shapes as blobs")
 def test_the_shapes_follow_the_prompt(metrics):
     assert metrics["adherence"]["shape"] >= 0.75, metrics["adherence"]
 
@@ -59,15 +60,27 @@ def test_cfg_scale_ten_burns_the_colours(metrics):
     assert c["clipped"]["10"] > c["clipped"]["4.0"], c
 
 
-@misses("all three attributes right: 56% at cfg 1 and 44% at cfg 4 (cfg 4 costs two shape colours)")
 def test_cfg_scale_four_follows_the_prompt_better_than_one(metrics):
+    """All three attributes right more often at cfg 4 than at cfg 1 (25% and 44% on these seeds,
+    2026-12-07; the old bounding-box judge, which read most generated shapes as circles, gave 56%
+    and 44%: at cfg 1 the blobs it called circles were often asked for as circles)."""
     c = metrics["cfg"]
     assert c["adherence_all"]["4.0"] > c["adherence_all"]["1"], c
 
 
-def test_an_unknown_word_is_ignored(metrics):
+def test_an_unknown_word_keeps_the_colours(metrics):
+    """The word 几何风 (the LoRA lesson's trigger, outside the world) in front of a caption keeps the
+    accuracy of the shape's colour and the background (100% and 100% on these seeds; on 64 seeds no
+    test uses 83% and 94%, on the build's 12 83% and 100%: README, "The shipped build, measured")."""
     kept = metrics["unknown_word"]["kept"]
-    assert kept["colour"] >= 0.90 and kept["background"] >= 0.90 and kept["shape"] >= 0.90, kept
+    assert kept["colour"] >= 0.90 and kept["background"] >= 0.90, kept
+
+
+@misses("with 几何风 in front the judge reads the asked shape in 7 of the 16 pictures, without it in 8: "
+        "88% kept (one picture; on 64 other seeds 93%)")
+def test_an_unknown_word_keeps_the_shape(metrics):
+    kept = metrics["unknown_word"]["kept"]
+    assert kept["shape"] >= 0.90, kept
 
 
 @pytest.mark.xfail(strict=False, reason="the subject part (the shape word) is read in 33% of its pictures against "
@@ -358,8 +371,9 @@ def test_the_vae_carries_big_shapes(recovery):
     assert recovery["round_trip"] >= 0.8, recovery
 
 
-@misses("at timestep 200, where the noisy latent still shows the shape, the UNet's predicted clean latent "
-        "keeps it in 66% of 32 scenes, where the decoded target latents keep 91% (the narrow UNet: 44%)")
 def test_the_unet_keeps_a_shape_it_can_see(recovery):
-    """At low noise the UNet's predicted clean latent keeps big shapes nearly as often as the VAE does."""
+    """At low noise the UNet's predicted clean latent keeps big shapes nearly as often as the VAE does:
+    at timestep 200 the judge reads the shape back in 84% of 32 scenes, from the decoded target latents
+    in 100% (2026-12-07; with the bounding-box judge before, which read soft shapes as circles, 66% and
+    91%)."""
     assert recovery[200] >= 0.8 * recovery["round_trip"], recovery

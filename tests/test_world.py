@@ -105,36 +105,62 @@ def test_the_lora_content_check_sees_a_pastel_shape_and_not_a_washed_out_one():
 
 
 HAND_LABELLED = Path(__file__).parent / "data" / "judge_hand_labels"
+#: the pictures the judge's shape thresholds were set on (its held-out test is HAND_LABELLED)
+CALIBRATION = Path(__file__).parent / "data" / "judge_calibration"
 
 
-def _agreement_with_hand_labels() -> tuple[int, int]:
-    """(pictures whose shape the judge reads as the hand label says, pictures)."""
+def _agreement_with_hand_labels(folder=HAND_LABELLED) -> tuple[int, int]:
+    """(pictures whose shape the judge reads as the hand label says, pictures with a hand label)."""
     import json
 
     from PIL import Image
 
-    pictures = json.loads((HAND_LABELLED / "labels.json").read_text(encoding="utf-8"))["pictures"]
+    pictures = json.loads((folder / "labels.json").read_text(encoding="utf-8"))["pictures"]
+    pictures = [p for p in pictures if p["hand"] is not None]
     agree = 0
     for p in pictures:
-        with Image.open(HAND_LABELLED / p["file"]) as im:
+        with Image.open(folder / p["file"]) as im:
             agree += J.judge(im.convert("RGB")).shape == p["hand"]
     return agree, len(pictures)
 
 
-def test_the_judge_on_generated_shapes_against_hand_labels():
-    """How far the judge's shape can be trusted on generated pictures (soft edges, stubby points):
-    on 32 pictures of the shipped UNet, labelled by eye, it agrees in 20 (2026-12-07; every miss a
-    soft square, triangle or star read as a circle).  A floor: a judge change that reads generated
-    shapes worse fails here."""
-    agree, n = _agreement_with_hand_labels()
-    assert agree >= 20, (agree, n)
+def test_the_judge_reads_the_pictures_it_was_calibrated_on():
+    """The 27 of 32 calibration pictures that show one of the world's shapes by eye (the other 5: a
+    pentagon, lumpy blobs) are all read as labelled."""
+    agree, n = _agreement_with_hand_labels(CALIBRATION)
+    assert (agree, n) == (27, 27), (agree, n)
 
 
-@pytest.mark.xfail(strict=True, reason="the judge agrees with the hand labels on 20 of 32 generated pictures: "
-                                       "it reads soft-edged squares, triangles and stars as circles")
 def test_the_judge_reads_generated_shapes_as_a_person_does():
+    """How far the judge's shape can be trusted on generated pictures (soft edges, stubby points):
+    on 32 pictures of the shipped UNet, labelled by eye, it agrees in 28 (2026-12-07; the
+    bounding-box template it used before agreed in 20, reading soft squares, triangles and stars as
+    circles).  Its thresholds were set on 32 other generated pictures and on renders; the four it
+    still misses are blobs between a circle and a square.  A floor: a judge change that reads
+    generated shapes worse fails here."""
     agree, n = _agreement_with_hand_labels()
     assert agree >= 28, (agree, n)
+
+
+def test_each_shape_measure_tells_its_shapes_apart_on_renders():
+    """The measures ``read_shape`` decides on, on clean renders: a triangle narrows to its top, a
+    star leaves much of its hull empty, a square covers its box's corners and a circle does not; so
+    each rule has room either side on clean pictures (the generated ones are what need it)."""
+    by_shape = {s: [] for s in W.SHAPES}
+    for i, s in enumerate(W.sample_scenes(80, seed=5)):
+        v = J.judge(W.render(s, seed=i))
+        assert v.shape == s.shape, (s, v)
+        img = np.asarray(W.render(s, seed=i), np.float32)
+        far = np.sqrt(((img - img[0, 0]) ** 2).sum(axis=2)) > J.FOREGROUND_DISTANCE
+        ys, xs = np.nonzero(far)
+        by_shape[s.shape].append(J.shape_measures(far[ys.min():ys.max() + 1, xs.min():xs.max() + 1]))
+    worst = {s: {k: (min(m[k] for m in ms), max(m[k] for m in ms)) for k in ms[0]} for s, ms in by_shape.items()}
+    assert worst["三角形"]["top_width"][1] < J.TRIANGLE_TOP_WIDTH / 1.5, worst["三角形"]
+    assert worst["星形"]["solidity"][1] < J.STAR_SOLIDITY - 0.1, worst["星形"]
+    assert worst["正方形"]["corners"][0] > 5 * J.SQUARE_CORNERS, worst["正方形"]
+    assert worst["圆形"]["corners"][1] < J.SQUARE_CORNERS / 2, worst["圆形"]
+    for s in ("圆形", "正方形"):
+        assert worst[s]["solidity"][0] > J.STAR_SOLIDITY + 0.1 and worst[s]["fill"][0] > J.SOFT_STAR_FILL, worst[s]
 
 
 def test_judge_on_renders():
