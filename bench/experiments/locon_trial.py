@@ -31,6 +31,9 @@ from kolors_course.world.evaluate import LORA_PROMPTS, keeps_content, lora_promp
 from kolors_course.world.train_unet import UNetConfig, encode_captions, kolors_scheduler, train_unet
 from kolors_course.world.train_vae import CellStats, images_to_tensor, target_latents
 
+KNOWN = {"pictures", "steps", "lr", "rank", "targets", "seed", "grid"}
+if any("=" not in a or a.split("=", 1)[0] not in KNOWN for a in sys.argv[1:]):
+    raise SystemExit(__doc__)
 args = dict(a.split("=", 1) for a in sys.argv[1:])
 n, steps = int(args.get("pictures", 256)), int(args.get("steps", 200))
 lr, rank, seed = float(args.get("lr", 3e-3)), int(args.get("rank", 8)), int(args.get("seed", 0))
@@ -62,8 +65,8 @@ for scale in (0.0, 0.5, 1.0):
             if name in trained_b:
                 p.copy_(trained_b[name] * scale)
     for with_trigger in (True, False):
-        pics = [(generate(pipe, lora_prompt(c, s, b, prof.trigger_word if with_trigger else ""), seed=seed), c, b)
-                for c, s, b in LORA_PROMPTS for seed in (1, 2)]
+        pics = [(generate(pipe, lora_prompt(c, s, b, prof.trigger_word if with_trigger else ""), seed=picture_seed),
+                 c, b) for c, s, b in LORA_PROMPTS for picture_seed in (1, 2)]
         print(f"strength {scale:g} {'with' if with_trigger else 'without'} the trigger word: pastel index "
               f"{np.mean([pastel_index(im) for im, _, _ in pics]):.2f}, colours kept "
               f"{np.mean([keeps_content(im, c, b) for im, c, b in pics]):.0%}")

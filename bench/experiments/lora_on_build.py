@@ -1,6 +1,6 @@
 """Does notebook 03's LoRA lesson work on a candidate tiny build?  (README, "The tiny world".)
 An experiment, not a benchmark: the tests' LoRA fixture and measures (``kolors_course.world.evaluate``
-``lesson_lora`` and ``lora_measures``, as ``tests/test_tiny_lessons.py`` uses them:
+``lesson_lora`` and ``lora_measures`` and ``lora_verdict``, as ``tests/test_tiny_lessons.py`` uses them:
 notebook 02's pastel data set, ``train_lora`` with the tiny profile's settings, the pastel index at
 strength 0 / 0.5 / 1 / 1.5 on the tests' 3 prompts x 2 seeds with the trigger word, and the rise at
 strength 1 without it) over the weights in a build folder instead of the shipped ones.
@@ -11,7 +11,7 @@ BUILD is a ``kolors-course build-tiny`` folder with a manifest (the ControlNet i
 ``shipped`` takes the kit's own.  Fields override the tiny profile's LoRA settings
 (``learning_rate=0.03 train_steps=200 lora_rank=8 lora_alpha=8 lora_preserve_weight=2``);
 ``seed`` is the LoRA's training seed (the tests': 0).  Prints one line: the index per strength, the
-rise, the leak, PASS / FAIL against the tests' thresholds, and the share of pictures that keep the
+rise, the leak, PASS / FAIL against the tests' thresholds (``evaluate.LORA_TARGETS``), and the share of pictures that keep the
 prompt's colours at each strength (``kept``: the pastel index also rises when the
 look washes the shape out).  About 50 s on 2 cores.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kolors_course.core.profiles import choose_profile
 from kolors_course.models.loading import load_pipeline
-from kolors_course.world.evaluate import lesson_lora, lora_measures
+from kolors_course.world.evaluate import lesson_lora, lora_measures, lora_verdict
 
 if len(sys.argv) < 2:
     raise SystemExit(__doc__)
@@ -35,11 +35,9 @@ with tempfile.TemporaryDirectory(prefix="lora-on-build-") as tmp:
                           **{k: ast.literal_eval(v) for k, v in args.items()})
     pipe = load_pipeline(prof)
     m = lora_measures(pipe, lesson_lora(prof, tmp, seed=seed), prof.trigger_word)
-index, kept = m["index"], m["kept"]
-rise, leak = index[1.0] - index[0.0], m["leak"] - m["base_plain"]
-ok = rise > 0.15 and index[0.0] < index[0.5] < index[1.0] < index[1.5] and leak < 0.5 * rise
+index, kept, v = m["index"], m["kept"], lora_verdict(m)
 print(f"{build} {args or 'profile settings'} seed {seed}: pastel index "
-      + " / ".join(f"{v:.2f}" for v in index.values()) + f" at 0 / 0.5 / 1 / 1.5; rise {rise:.2f}, leak {leak:.2f}"
-      + (" PASS" if ok else " FAIL")
-      + "; the asked colours kept in " + " / ".join(f"{v:.0%}" for v in kept.values()) + " at 0 / 0.5 / 1 / 1.5"
-      + (" (kept)" if kept[1.0] >= 0.8 else " (washed out)"))
+      + " / ".join(f"{x:.2f}" for x in index.values()) + f" at 0 / 0.5 / 1 / 1.5; rise {v['rise']:.2f}, leak {v['leak']:.2f}"
+      + (" PASS" if v["look"] else " FAIL")
+      + "; the asked colours kept in " + " / ".join(f"{x:.0%}" for x in kept.values()) + " at 0 / 0.5 / 1 / 1.5"
+      + (" (kept)" if v["kept"] else " (washed out)"))

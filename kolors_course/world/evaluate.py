@@ -246,6 +246,24 @@ def evaluate_control(pipe, seeds=range(16), strengths=(0.0, 1.0), steps: int = E
 LORA_PROMPTS = (("红色", "圆形", "蓝色"), ("黄色", "星形", "紫色"), ("绿色", "正方形", "黑色"))
 
 
+#: what the LoRA lesson must show (the tests' thresholds; ``lora_verdict`` applies them): the pastel
+#: index rises by more than ``rise`` from strength 0 to 1 with the trigger word, rises step by step,
+#: rises less than ``leak_share`` of that without the word, and at strength 1 at least ``kept`` of
+#: the pictures keep their colours
+LORA_TARGETS = dict(rise=0.15, leak_share=0.5, kept=0.8)
+
+
+def lora_verdict(m: dict) -> dict:
+    """``lora_measures``' result against ``LORA_TARGETS``: {"rise", "leak", "look" (rise and dial and
+    leak met), "kept" (the picture kept at strength 1)}."""
+    index = m["index"]
+    rise, leak = index[1.0] - index[0.0], m["leak"] - m["base_plain"]
+    levels = [index[s] for s in sorted(index)]
+    look = (rise > LORA_TARGETS["rise"] and all(a < b for a, b in zip(levels, levels[1:]))
+            and leak < LORA_TARGETS["leak_share"] * rise)
+    return {"rise": rise, "leak": leak, "look": look, "kept": m["kept"][1.0] >= LORA_TARGETS["kept"]}
+
+
 def lora_prompt(colour: str, shape: str, background: str, trigger: str = "") -> str:
     """One of ``LORA_PROMPTS`` as a caption, the trigger word first when given."""
     plain = f"一个{colour}的{shape}，{background}背景"

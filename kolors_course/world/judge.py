@@ -109,7 +109,7 @@ def _vote_colour(img: np.ndarray, mask: np.ndarray) -> str:
 
 
 #: the shape's measures (``shape_measures``) that tell the four shapes apart.  Set on clean
-#: renders and on 32 generated pictures labelled by eye (README, "The judge against hand labels"):
+#: renders and on 32 generated pictures labelled by eye (README, "The judge reads generated shapes"):
 #: generated shapes have soft edges and stubby points, so the bounding-box template the judge
 #: used before read most soft squares, triangles and stars as circles.
 TRIANGLE_TOP_WIDTH = 0.34       # a triangle's top quarter is under a third as wide as its bottom quarter
@@ -151,14 +151,17 @@ def shape_measures(box: np.ndarray) -> dict:
     the box covered), ``solidity`` (share of the convex hull covered), ``corners`` (share of the box's
     four corner regions covered) and ``top_width`` (the mean row width of the top quarter over the
     bottom quarter's)."""
+    if not box.any():
+        raise ValueError("shape_measures needs a mask with at least one pixel set")
     h, w = box.shape
     area = float(box.sum())
     yy, xx = np.mgrid[0:h, 0:w]
     u, v = (xx + 0.5 - w / 2) / (w / 2), (yy + 0.5 - h / 2) / (h / 2)
     rows = box.sum(axis=1)
     q = max(h // 4, 1)
+    corner = np.abs(u) + np.abs(v) > 1.5       # empty for a box 2 pixels thin: no corners to cover
     return dict(fill=area / (h * w), solidity=area / max(_hull_area(box), 1.0),
-                corners=float(box[np.abs(u) + np.abs(v) > 1.5].mean()),
+                corners=float(box[corner].mean()) if corner.any() else 0.0,
                 top_width=float(rows[:q].mean() / max(rows[-q:].mean(), 1.0)))
 
 
