@@ -166,10 +166,9 @@ def test_each_shape_measure_tells_its_shapes_apart_on_renders():
     for i, s in enumerate(W.sample_scenes(80, seed=5)):
         v = J.judge(W.render(s, seed=i))
         assert v.shape == s.shape, (s, v)
-        img = np.asarray(W.render(s, seed=i), np.float32)
-        far = np.sqrt(((img - img[0, 0]) ** 2).sum(axis=2)) > J.FOREGROUND_DISTANCE
-        ys, xs = np.nonzero(far)
-        by_shape[s.shape].append(J.shape_measures(far[ys.min():ys.max() + 1, xs.min():xs.max() + 1]))
+        _, mask = J.foreground(W.render(s, seed=i))
+        ys, xs = np.nonzero(mask)
+        by_shape[s.shape].append(J.shape_measures(mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]))
     worst = {s: {k: (min(m[k] for m in ms), max(m[k] for m in ms)) for k in ms[0]} for s, ms in by_shape.items()}
     assert worst["三角形"]["top_width"][1] < J.TRIANGLE_TOP_WIDTH / 1.5, worst["三角形"]
     assert worst["三角形"]["solidity"][0] > J.TRIANGLE_SOLIDITY + 0.1, worst["三角形"]

@@ -2,8 +2,9 @@
 ``train_lora`` (notebook 02's data set, output preservation, the tiny profile's settings unless
 overridden), fused by hand for the measures.  (README, "The LoRA's wash".)  An experiment: the
 kit's ``add_lora`` accepts Linear layers only and its fusing goes through DiffSynth 1.1.9, which
-fuses 1x1 but not 3x3 convolution LoRAs, so this script swaps in an ``add_lora`` without that
-check (for this process only) and adds B A to the UNet's weights itself.
+fuses 1x1 but not 3x3 convolution LoRAs, so this script trains with ``adapters.inject_lora`` (the
+same adapters without that check; for this process only) and adds B A to the UNet's weights itself
+for ``evaluate.lora_measures``.
 
     python bench/experiments/locon_course.py [PROFILE_FIELD=VALUE ...] [seed=N] [limit=N] [grid=PNG]
 
@@ -11,48 +12,31 @@ Fields as in ``lora_on_build.py`` (for example ``"lora_target_modules=('conv1','
 'attn2.to_v')" lora_rank=8 lora_alpha=8 learning_rate=1e-3 train_steps=320``); ``limit`` is the
 number of synthetic source pictures notebook 02 makes (24 unless given).  Prints the pastel index
 and the share of pictures keeping their colours (``evaluate.keeps_content``) at strength
-0 / 0.5 / 1 / 1.5 with the trigger word, then at 1 and 0 without it.  About a minute on 2 cores.
+0 / 0.5 / 1 / 1.5 with the trigger word, then at 0 and 1 without it.  About a minute on 2 cores.
 """
 import ast
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import kolors_course.lora.train as lora_train
 from kolors_course.core.profiles import choose_profile
-from kolors_course.core.state import torch_global_seed
 from kolors_course.data.build import Captions, build_training_set
-from kolors_course.generation.text2image import generate
+from kolors_course.lora.adapters import inject_lora
 from kolors_course.lora.config import TrainConfig
 from kolors_course.models.loading import load_pipeline
-from kolors_course.world.evaluate import LORA_PROMPTS, keeps_content, lora_prompt, pastel_index
+from kolors_course.world.evaluate import lora_measures
 
-
-def add_lora_any_layer(unet, cfg):
-    """``adapters.add_lora`` without its Linear-only check: peft adds Conv2d adapters too."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    unet.requires_grad_(False)
-    with torch_global_seed(cfg.seed):
-        inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
-                                           lora_dropout=0.0), unet)
-    params = []
-    for name, p in unet.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()
-            p.requires_grad_(True)
-            params.append(p)
-    return params
+from _lora_report import report   # beside this script
 
 
 if any("=" not in a for a in sys.argv[1:]):
     raise SystemExit(__doc__)
 args = dict(a.split("=", 1) for a in sys.argv[1:])
 seed, limit, grid = int(args.pop("seed", 0)), args.pop("limit", None), args.pop("grid", None)
-lora_train.add_lora = add_lora_any_layer
+lora_train.add_lora = inject_lora
 with tempfile.TemporaryDirectory(prefix="locon-course-") as tmp:
     tmp = Path(tmp)
     prof = choose_profile("tiny", verbose=False, cache_dir=str(tmp / "cache"),
@@ -80,17 +64,5 @@ def fuse(strength: float) -> None:
             weights[m + ".weight"].copy_((base[m].float() + strength * trained_scale * delta).to(base[m].dtype))
 
 
-rows = []
-for strength, with_trigger in ((0.0, True), (0.5, True), (1.0, True), (1.5, True), (1.0, False), (0.0, False)):
-    fuse(strength)
-    pics = [(generate(pipe, lora_prompt(c, s, b, prof.trigger_word if with_trigger else ""), seed=picture_seed), c, b)
-            for c, s, b in LORA_PROMPTS for picture_seed in (1, 2)]
-    print(f"strength {strength:g} {'with' if with_trigger else 'without'} the trigger word: pastel index "
-          f"{np.mean([pastel_index(im) for im, _, _ in pics]):.2f}, colours kept "
-          f"{np.mean([keeps_content(im, c, b) for im, c, b in pics]):.0%}")
-    if with_trigger and strength <= 1.0:
-        rows.append(np.concatenate([np.asarray(im) for im, _, _ in pics], 1))
-if grid:
-    from PIL import Image
-
-    Image.fromarray(np.concatenate(rows, 0)).save(grid)
+keep = []
+report(lora_measures(pipe, None, prof.trigger_word, apply=fuse, keep=keep), keep, grid)

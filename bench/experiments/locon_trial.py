@@ -4,8 +4,8 @@ kit exports and fuses attention-style (Linear) LoRAs only, and DiffSynth 1.1.9 f
 3x3 convolution LoRAs, so this trial trains peft adapters in place with the build's own UNet loop
 (``world.train_unet``: min-SNR, offset noise 0.3; no output preservation, so the look also shows
 without the trigger word) on ``scenes.lora_dataset`` (the world's pastel pictures, captions with the
-trigger word first), then scales the adapters' B matrices to 0 / 0.5 / 1 and measures the LoRA
-tests' prompts as ``evaluate.lora_measures`` does (pastel index, share keeping their colours).
+trigger word first), then scales the adapters' B matrices for ``evaluate.lora_measures`` (the LoRA tests' prompts:
+pastel index and share keeping their colours at 0 / 0.5 / 1 / 1.5, and the index without the word).
 
     python bench/experiments/locon_trial.py [pictures=256] [steps=200] [lr=3e-3] [rank=8]
         [targets=conv1,conv2,attn2.to_k,attn2.to_v] [seed=0] [grid=PNG]
@@ -16,20 +16,21 @@ About 50 s on 2 cores for 200 steps.
 """
 import json
 import sys
+from types import SimpleNamespace
 
-import numpy as np
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 
 from kolors_course.core.profiles import choose_profile
-from kolors_course.generation.text2image import generate
+from kolors_course.lora.adapters import inject_lora
 from kolors_course.models.loading import load_pipeline
 from kolors_course.models.tiny import shipped_weights_dir
 from kolors_course.world import scenes as W
 from kolors_course.world.build import tiny_prompter
-from kolors_course.world.evaluate import LORA_PROMPTS, keeps_content, lora_prompt, pastel_index
+from kolors_course.world.evaluate import lora_measures
 from kolors_course.world.train_unet import UNetConfig, encode_captions, kolors_scheduler, train_unet
 from kolors_course.world.train_vae import CellStats, images_to_tensor, target_latents
+
+from _lora_report import report   # beside this script
 
 KNOWN = {"pictures", "steps", "lr", "rank", "targets", "seed", "grid"}
 if any("=" not in a or a.split("=", 1)[0] not in KNOWN for a in sys.argv[1:]):
@@ -47,32 +48,23 @@ latents = target_latents(images_to_tensor(images), stats)
 index, hidden, pooled = encode_captions(tiny_prompter(shipped_weights_dir()), captions + [""], log=lambda *a: None)
 
 unet = pipe.unet
-unet.float().requires_grad_(False)
-torch.manual_seed(seed)        # peft draws the A matrices from torch's global generator
-inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0), unet)
-for name, p in unet.named_parameters():
-    p.requires_grad_("lora_" in name)
+unet.float()
+# the kit's adapters (without its Linear-only check); seeded, the global generator put back after
+inject_lora(unet, SimpleNamespace(rank=rank, alpha=rank, target_modules=targets, seed=seed))
 cfg = UNetConfig(steps=steps, batch_size=16, learning_rate=lr, warmup_steps=10, ema_decay=0.0, weight_decay=0.0,
                  offset_noise=0.3, log_every=10 ** 9, seed=seed)
 train_unet(unet, latents, [[index[c]] for c in captions], hidden, pooled, cfg, scheduler=kolors_scheduler(),
            log=lambda *a: None)
 unet.eval()
 trained_b = {name: p.detach().clone() for name, p in unet.named_parameters() if "lora_B" in name}
-rows = []
-for scale in (0.0, 0.5, 1.0):
+
+
+def scale_adapters(strength: float) -> None:
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if name in trained_b:
-                p.copy_(trained_b[name] * scale)
-    for with_trigger in (True, False):
-        pics = [(generate(pipe, lora_prompt(c, s, b, prof.trigger_word if with_trigger else ""), seed=picture_seed),
-                 c, b) for c, s, b in LORA_PROMPTS for picture_seed in (1, 2)]
-        print(f"strength {scale:g} {'with' if with_trigger else 'without'} the trigger word: pastel index "
-              f"{np.mean([pastel_index(im) for im, _, _ in pics]):.2f}, colours kept "
-              f"{np.mean([keeps_content(im, c, b) for im, c, b in pics]):.0%}")
-        if with_trigger:
-            rows.append(np.concatenate([np.asarray(im) for im, _, _ in pics], 1))
-if "grid" in args:
-    from PIL import Image
+                p.copy_(trained_b[name] * strength)
 
-    Image.fromarray(np.concatenate(rows, 0)).save(args["grid"])
+
+keep = []
+report(lora_measures(pipe, None, prof.trigger_word, apply=scale_adapters, keep=keep), keep, args.get("grid"))

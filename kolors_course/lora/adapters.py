@@ -18,15 +18,22 @@ def is_lora_target(name: str, target_modules) -> bool:
 
 
 def add_lora(unet, cfg: TrainConfig):
-    """Freeze the UNet and add peft LoRA adapters to its attention projections."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    unet.requires_grad_(False)
+    """Freeze the UNet and add peft LoRA adapters to its attention projections (Linear layers only:
+    what the kit exports and DiffSynth fuses)."""
     names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
     missing = [t for t in cfg.target_modules if not any(is_lora_target(n, (t,)) for n in names)]
     if missing:
         raise TrainingError(f"target_modules {missing} are not layers of this UNet (its attention layers "
                             "are to_q, to_k, to_v, to_out; attn1.* are self-attention's, attn2.* cross-attention's)")
+    return inject_lora(unet, cfg)
+
+
+def inject_lora(unet, cfg: TrainConfig):
+    """Freeze the UNet, add peft adapters to ``cfg.target_modules`` (any layer peft adapts, without
+    ``add_lora``'s check) and return the adapters' parameters, in fp32 and trainable."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet.requires_grad_(False)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
                       init_lora_weights=True, lora_dropout=0.0)
     # peft draws the initial A matrices from torch's global generator: seeded for the run,

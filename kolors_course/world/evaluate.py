@@ -308,19 +308,29 @@ def lesson_lora(profile, root, seed: int = 0):
     return train_lora(profile, ds.folder, root / "run", cfg).files["lora"]
 
 
-def lora_measures(pipe, lora_path, trigger: str, strengths=(0.0, 0.5, 1.0, 1.5), seeds=(1, 2)) -> dict:
+def lora_measures(pipe, lora_path, trigger: str, strengths=(0.0, 0.5, 1.0, 1.5), seeds=(1, 2),
+                  apply=None, keep=None) -> dict:
     """The LoRA lesson's measures on ``LORA_PROMPTS`` x ``seeds``, each picture made once:
     ``index`` (the pastel index at each strength, trigger word first), ``kept`` (the share of those
     pictures that still show the asked shape colour and background, ``keeps_content``: the index
     alone also rises when the look washes the shape out), ``leak`` and ``base_plain`` (the index
-    without the trigger word at strength 1 and 0).  The pipeline's LoRA is left at strength 0."""
+    without the trigger word at strength 1 and 0).  The pipeline's LoRA is left at strength 0.
+
+    ``apply(strength)``: how to set the LoRA's strength, for adapters the kit's ``set_lora_scale``
+    does not fuse (``bench/experiments``' convolution LoRAs); ``lora_path`` is then unused.
+    ``keep``: a list that receives ``(strength, with_trigger, pictures)`` for each set made."""
     from kolors_course.generation.text2image import generate
     from kolors_course.lora.strength import set_lora_scale
 
+    set_strength = apply or (lambda strength: set_lora_scale(pipe, lora_path, strength))
+
     def pictures(strength, with_trigger):
-        set_lora_scale(pipe, lora_path, strength)
-        return [(generate(pipe, lora_prompt(c, s, b, trigger if with_trigger else ""), seed=seed), c, b)
+        set_strength(strength)
+        pics = [(generate(pipe, lora_prompt(c, s, b, trigger if with_trigger else ""), seed=seed), c, b)
                 for c, s, b in LORA_PROMPTS for seed in seeds]
+        if keep is not None:
+            keep.append((strength, with_trigger, [im for im, _, _ in pics]))
+        return pics
 
     def mean_index(pics):
         return float(np.mean([pastel_index(im) for im, _, _ in pics]))
@@ -334,5 +344,5 @@ def lora_measures(pipe, lora_path, trigger: str, strengths=(0.0, 0.5, 1.0, 1.5),
         out["leak"] = mean_index(pictures(1.0, False))
         out["base_plain"] = mean_index(pictures(0.0, False))
     finally:
-        set_lora_scale(pipe, lora_path, 0.0)
+        set_strength(0.0)
     return out

@@ -207,16 +207,22 @@ def _style(img: np.ndarray, mask: np.ndarray) -> str:
     return "扁平"
 
 
+def foreground(image) -> tuple[np.ndarray, np.ndarray]:
+    """(background RGB, the shape's mask): the median of the border pixels, and the largest region
+    of pixels far from it."""
+    img = _array(image)
+    border = np.concatenate([img[:3].reshape(-1, 3), img[-3:].reshape(-1, 3),
+                             img[:, :3].reshape(-1, 3), img[:, -3:].reshape(-1, 3)])
+    bg_rgb = np.median(border, axis=0)
+    return bg_rgb, _largest_component(np.sqrt(((img - bg_rgb) ** 2).sum(axis=2)) > FOREGROUND_DISTANCE)
+
+
 def judge(image, with_style: bool = True) -> Verdict:
     """What ``image`` (PIL or HxWx3 array) shows, in the world's terms."""
     img = _array(image)
     h, w, _ = img.shape
-    border = np.concatenate([img[:3].reshape(-1, 3), img[-3:].reshape(-1, 3),
-                             img[:, :3].reshape(-1, 3), img[:, -3:].reshape(-1, 3)])
-    bg_rgb = np.median(border, axis=0)
+    bg_rgb, mask = foreground(img)
     background, painter = nearest_colour(bg_rgb)
-    far = np.sqrt(((img - bg_rgb) ** 2).sum(axis=2)) > FOREGROUND_DISTANCE
-    mask = _largest_component(far)
     n = int(mask.sum())
     if n < MIN_SHAPE_PIXELS * (h * w) / (128 * 128):
         return Verdict(background, None, None, None, None, None, painter, area=n / (h * w))
