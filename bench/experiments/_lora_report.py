@@ -10,6 +10,11 @@ def report(m: dict, keep: list, grid) -> None:
         print(f"strength {strength:g} with the trigger word: pastel index {index:.2f}, "
               f"colours kept {m['kept'][strength]:.0%}")
     print(f"without the trigger word: pastel index {m['base_plain']:.2f} at strength 0, {m['leak']:.2f} at 1")
+    save_grid(keep, grid)
+
+
+def save_grid(keep: list, grid) -> None:
+    """The trigger-word pictures at 0 / 0.5 / 1, one row per strength, to ``grid`` (if given)."""
     if grid:
         from PIL import Image
 

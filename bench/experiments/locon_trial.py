@@ -1,7 +1,7 @@
 """Would a LoRA on the UNet's convolutions (LoCon) give notebook 03's look without washing the shape
-out?  (README, "The LoRA's wash".)  An experiment, not a benchmark, and not the kit's LoRA path: the
-kit exports and fuses attention-style (Linear) LoRAs only, and DiffSynth 1.1.9 fuses 1x1 but not
-3x3 convolution LoRAs, so this trial trains peft adapters in place with the build's own UNet loop
+out?  (README, "The LoRA's wash".)  An experiment, not a benchmark, and not the course's LoRA path
+(``lora_on_build.py`` trains a LoCon through the kit's ``train_lora`` on notebook 02's set): this
+trial trains peft adapters in place with the build's own UNet loop
 (``world.train_unet``: min-SNR, offset noise 0.3; no output preservation, so the look also shows
 without the trigger word) on ``scenes.lora_dataset`` (the world's pastel pictures, captions with the
 trigger word first), then scales the adapters' B matrices for ``evaluate.lora_measures`` (the LoRA tests' prompts:

@@ -1,5 +1,6 @@
-"""The LoRA adapters: peft on the UNet's attention projections, their weights read and written
-through peft's own state-dict calls, and the optimizer that trains them."""
+"""The LoRA adapters: peft on the UNet's attention projections (and, for a LoCon, its residual
+blocks' convolutions), their weights read and written through peft's own state-dict calls, and the
+optimizer that trains them."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -17,14 +18,21 @@ def is_lora_target(name: str, target_modules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+# the layers the kit can train, export and fuse: Linear layers (the attention projections) and
+# convolutions (a LoCon: peft gives a k x k convolution a k x k down and a 1 x 1 up convolution)
+ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
+
+
 def add_lora(unet, cfg: TrainConfig):
-    """Freeze the UNet and add peft LoRA adapters to its attention projections (Linear layers only:
-    what the kit exports and DiffSynth fuses)."""
-    names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
+    """Freeze the UNet and add peft LoRA adapters to ``cfg.target_modules``: attention projections
+    (Linear layers) and convolutions, what the kit exports and fuses; a name that is no such layer
+    is refused before anything changes."""
+    names = [n for n, m in unet.named_modules() if isinstance(m, ADAPTABLE)]
     missing = [t for t in cfg.target_modules if not any(is_lora_target(n, (t,)) for n in names)]
     if missing:
         raise TrainingError(f"target_modules {missing} are not layers of this UNet (its attention layers "
-                            "are to_q, to_k, to_v, to_out; attn1.* are self-attention's, attn2.* cross-attention's)")
+                            "are to_q, to_k, to_v, to_out; attn1.* are self-attention's, attn2.* cross-attention's; "
+                            "its residual blocks' convolutions are conv1, conv2)")
     return inject_lora(unet, cfg)
 
 
@@ -83,6 +91,23 @@ def adapters_off(unet):
             m.enable_adapters(not off)
         for p, flag in flags.items():
             p.requires_grad_(flag)
+
+
+@contextmanager
+def adapters_at(unet, strength: float):
+    """The UNet with its adapters at ``strength`` times their trained scale (what a LoRA strength
+    dial does to the fused file), their own scale put back afterwards, on error too."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    saved = [dict(m.scaling) for m in layers]
+    for m, scaling in zip(layers, saved):
+        m.scaling.update({name: value * strength for name, value in scaling.items()})
+    try:
+        yield unet
+    finally:
+        for m, scaling in zip(layers, saved):
+            m.scaling.update(scaling)
 
 
 def lora_state(unet) -> dict:

@@ -16,6 +16,11 @@ their safetensors metadata.  DiffSynth's ``load_lora(path, lora_alpha=x)`` adds
 ``x = scale * alpha / rank``: the training scale travels with the file and
 ``scale=1`` reproduces what training saw.
 
+A LoRA on convolutions too (a LoCon: a k x k ``lora_down`` / ``lora_A`` and a
+1 x 1 ``lora_up`` / ``lora_B``, as peft trains it and ComfyUI reads it) is read and
+fused like the rest; DiffSynth 1.1.9 fuses Linear and 1 x 1 layers only, so the
+kit adds the k x k convolutions' changes itself, with the same scale.
+
 Reading refuses a file it cannot use as it is with a ``LoRAFileError`` that names
 the file, what is wrong and what to do: half a pair, two halves of different
 ranks, or a change whose shape is not that of the UNet weight it is added to
@@ -163,16 +168,32 @@ def _no_alpha_warning(path: Path) -> None:
 
 
 def _check_pair(path: Path, name: str, a: torch.Tensor, b: torch.Tensor, down: str, up: str) -> None:
-    """A pair whose two halves fit together: 2-D (or 1x1 convolution) with one rank."""
+    """A pair whose two halves fit together: two matrices, or a convolution's k x k down and
+    1 x 1 up halves (a LoCon), with one rank."""
     if a.ndim not in (2, 4) or a.ndim != b.ndim:
         raise LoRAFileError(f"{path.name}: {name}: {down} is {tuple(a.shape)} and {up} {tuple(b.shape)}; "
-                            f"a LoRA pair is two matrices (or two 1x1 convolutions). {REDO}")
-    if a.ndim == 4 and (tuple(a.shape[2:]) != (1, 1) or tuple(b.shape[2:]) != (1, 1)):
-        raise LoRAFileError(f"{path.name}: {name}: a {tuple(a.shape[2:])} convolution LoRA (LoCon) is not "
-                            "supported here (only linear and 1x1 layers); use a LoRA trained on linear layers")
+                            f"a LoRA pair is two matrices (or two convolutions). {REDO}")
+    if a.ndim == 4 and tuple(b.shape[2:]) != (1, 1):
+        raise LoRAFileError(f"{path.name}: {name}: {up} is a {tuple(b.shape[2:])} convolution; the kit reads "
+                            "LoRA pairs whose up half is 1x1 (LoRA and LoCon as kohya and peft write them, not "
+                            "LyCORIS' other kinds such as LoHa or Tucker-decomposed LoCon)")
     if a.shape[0] != b.shape[1]:
         raise LoRAFileError(f"{path.name}: {name}: {down} has rank {a.shape[0]} but {up} rank {b.shape[1]} "
                             f"({tuple(a.shape)} and {tuple(b.shape)}); {REDO}")
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The change ``B A`` a pair makes to its layer's weight: a matrix product, or for a convolution
+    the 1 x 1 up half applied to each tap of the k x k down half (the same weight whatever the
+    layer's stride or padding, which the down half shares)."""
+    if a.ndim == 2:
+        return b @ a
+    return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+
+
+def _is_wide_convolution(a: torch.Tensor) -> bool:
+    """A LoCon pair DiffSynth 1.1.9 cannot fuse (its LoRA loader squeezes 1x1 kernels only)."""
+    return a.ndim == 4 and tuple(a.shape[2:]) != (1, 1)
 
 
 def read_lora(path: str | os.PathLike, unet_config_path: str | os.PathLike | None = None):
@@ -291,16 +312,31 @@ def fuse_lora(mm, path: str | os.PathLike, scale: float = 1.0) -> int:
     _check_fits(Path(path), modules, meta, mm.model[unet_index], unet_path.with_name("config.json"))
     if scale == 0:
         return 0
+    unet = mm.model[unet_index]
+    wide = {m: v for m, v in modules.items() if _is_wide_convolution(v[0])}
+    params = dict(unet.named_parameters())
+    absent = sorted(m for m in wide if f"{m}.weight" not in params)
+    if absent:
+        raise LoRAFileError(f"{Path(path).name}: {absent[0]} is no layer of this UNet ({len(absent)} of the file's "
+                            "convolution layers are not); a LoRA fits only the model it was trained on")
     # DiffSynth applies one alpha to every module: fold each module's own scale into B
     state = {}
     for module, (a, b, s) in modules.items():
-        state[f"{module}.lora_A.weight"] = a.float()
-        state[f"{module}.lora_B.weight"] = b.float() * s
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        mm.load_lora(str(path), state_dict=state, lora_alpha=float(scale))
-    text = buf.getvalue()
-    if "Cannot load LoRA" in text or f"{len(modules)} tensors are updated" not in text:
-        raise LoRAFileError(f"DiffSynth did not apply {Path(path).name} to this UNet "
-                            f"(its modules do not match this model): {text.strip()[-300:]}")
+        if module not in wide:
+            state[f"{module}.lora_A.weight"] = a.float()
+            state[f"{module}.lora_B.weight"] = b.float() * s
+    if state:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            mm.load_lora(str(path), state_dict=state, lora_alpha=float(scale))
+        text = buf.getvalue()
+        if "Cannot load LoRA" in text or f"{len(state) // 2} tensors are updated" not in text:
+            raise LoRAFileError(f"DiffSynth did not apply {Path(path).name} to this UNet "
+                                f"(its modules do not match this model): {text.strip()[-300:]}")
+    # the k x k convolutions DiffSynth cannot fuse: W += scale * (alpha / rank) * B A, as it does
+    with torch.no_grad():
+        for module, (a, b, s) in wide.items():
+            w = params[f"{module}.weight"]
+            delta = float(scale) * s * lora_delta(a.float(), b.float()).to(w.device)
+            w.copy_((w.float() + delta).to(w.dtype))         # added in fp32, as DiffSynth adds
     return len(modules)

@@ -294,16 +294,17 @@ def keeps_content(img, colour: str, background: str, mixes=(0.0, W.PASTEL_MIX / 
     return False
 
 
-def lesson_lora(profile, root, seed: int = 0):
+def lesson_lora(profile, root, seed: int = 0, limit: int | None = None):
     """The tiny LoRA as notebooks 02 and 03 make it, with ``profile``'s settings, under ``root``:
-    the path of its file."""
+    the path of its file.  ``limit``: how many synthetic source pictures notebook 02 makes
+    (None: its own number)."""
     from kolors_course.data.build import Captions, build_training_set
     from kolors_course.lora.config import TrainConfig
     from kolors_course.lora.train import train_lora
 
     ds = build_training_set("synthetic", root / "ds", recipe=profile.recipe(),
                             captions=Captions(mode="source", trigger=profile.trigger_word),
-                            synthetic_size=profile.width)
+                            synthetic_size=profile.width, limit=limit)
     cfg = TrainConfig.for_profile(profile, trigger_words=[profile.trigger_word], seed=seed)
     return train_lora(profile, ds.folder, root / "run", cfg).files["lora"]
 
@@ -316,8 +317,8 @@ def lora_measures(pipe, lora_path, trigger: str, strengths=(0.0, 0.5, 1.0, 1.5),
     alone also rises when the look washes the shape out), ``leak`` and ``base_plain`` (the index
     without the trigger word at strength 1 and 0).  The pipeline's LoRA is left at strength 0.
 
-    ``apply(strength)``: how to set the LoRA's strength, for adapters the kit's ``set_lora_scale``
-    does not fuse (``bench/experiments``' convolution LoRAs); ``lora_path`` is then unused.
+    ``apply(strength)``: how to set the LoRA's strength, for adapters that are not in a file
+    (``bench/experiments/locon_trial.py`` trains them in place); ``lora_path`` is then unused.
     ``keep``: a list that receives ``(strength, with_trigger, pictures)`` for each set made."""
     from kolors_course.generation.text2image import generate
     from kolors_course.lora.strength import set_lora_scale

@@ -1,0 +1,223 @@
+"""A LoRA on the UNet's convolutions too (LoCon): trained by the kit's own ``train_lora``, exported
+in both layouts, fused by the kit (DiffSynth 1.1.9 fuses 1x1 convolutions only) and read by code
+nobody here wrote (peft's adapters, diffusers' kohya reader and LoRA fusing).  And the strength
+dial trained (``TrainConfig.strength_min``): adapters at strength s are the fused file at s, and
+at s the loss asks for s of the way from the base model's answer to the data's."""
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import kolors_course.lora.files as lora_files
+import kolors_course.lora.train as lora_train
+import kolors_course.models.loading as models
+from kolors_course.data.build import build_training_set
+from kolors_course.data.recipe import Recipe
+from kolors_course.lora.adapters import adapters_at, add_lora, load_lora_state
+from kolors_course.lora.config import TrainConfig, TrainingError
+from kolors_course.lora.lessons import lora_parameter_counts
+from kolors_course.lora.strength import set_lora_scale
+from kolors_course.lora.train import train_lora
+
+TARGETS = ("conv1", "conv2", "attn2.to_k", "attn2.to_v")
+RANK, ALPHA = 4, 8.0
+
+
+def _cfg(tiny, **kw):
+    return TrainConfig.for_profile(tiny, **{"rank": RANK, "alpha": ALPHA, "target_modules": TARGETS, **kw})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    ds = tmp_path_factory.mktemp("locon") / "ds"
+    build_training_set("synthetic", ds, recipe=Recipe(min_width=48, min_height=48), limit=6)
+    return ds
+
+
+@pytest.fixture(scope="module")
+def locon(tiny, dataset, tmp_path_factory):
+    cfg = _cfg(tiny, max_steps=12, learning_rate=2e-2, validate_every=0, checkpoint_every=12,
+               trigger_words=[], preserve_weight=0.0)
+    return train_lora(tiny, dataset, tmp_path_factory.mktemp("run") / "r", cfg)
+
+
+def _convolutions(path):
+    state = load_file(str(path))
+    return sorted(k.split(".lora_A.")[0] for k, v in state.items() if ".lora_A." in k and v.ndim == 4)
+
+
+def _prediction(unet, pipe):
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor(400)
+    with torch.no_grad():
+        text = pipe.encode_prompt("一个红色的圆形，蓝色背景", positive=True)
+        return unet.eval()(x, timestep=t, add_time_id=torch.tensor([64, 64, 0, 0, 64, 64]), **text)
+
+
+def test_the_file_holds_3x3_convolutions_and_attention(locon):
+    state = load_file(str(locon.files["lora"]))
+    convs = _convolutions(locon.files["lora"])
+    assert convs and all(m.endswith(("conv1", "conv2")) for m in convs)
+    assert all(state[f"{m}.lora_A.weight"].shape[2:] == (3, 3) and state[f"{m}.lora_B.weight"].shape[2:] == (1, 1)
+               for m in convs)
+    assert any(k.endswith("attn2.to_k.lora_A.weight") for k in state)
+    assert all(state[f"{m}.lora_B.weight"].abs().max() > 0 for m in convs)      # trained away from zero
+
+
+def test_fused_locon_predicts_what_the_trained_adapters_predict(tiny, locon):
+    """The kit's fused weights (its own for the 3x3 convolutions, DiffSynth's for the rest) give the
+    UNet the prediction peft's unmerged adapters give, loaded with the file's weights."""
+    pipe = models.load_pipeline(tiny)
+    base = _prediction(pipe.unet, pipe)
+    add_lora(pipe.unet, _cfg(tiny))
+    load_lora_state(pipe.unet, load_file(str(locon.files["lora"])))
+    adapted = _prediction(pipe.unet, pipe)
+    assert (adapted - base).abs().max() > 1e-3
+    for layout in ("lora", "lora_kohya"):
+        fused = models.load_pipeline(tiny, lora=locon.files[layout])
+        torch.testing.assert_close(_prediction(fused.unet, fused), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_the_strength_dial_scales_the_convolutions_and_comes_back(tiny, locon):
+    pipe = models.load_pipeline(tiny)
+    conv = _convolutions(locon.files["lora"])[0] + ".weight"
+    w = lambda: dict(pipe.unet.named_parameters())[conv].detach().clone()     # noqa: E731
+    base = w()
+    set_lora_scale(pipe, locon.files["lora"], 1.0)
+    full = w() - base
+    assert full.abs().max() > 0
+    set_lora_scale(pipe, locon.files["lora"], 0.5)
+    torch.testing.assert_close(w() - base, 0.5 * full, rtol=1e-4, atol=1e-7)
+    set_lora_scale(pipe, locon.files["lora"], 0.0)
+    assert torch.equal(w(), base)
+
+
+def test_diffusers_reads_and_fuses_the_kohya_locon_to_the_same_change(tiny, locon):
+    """diffusers' kohya reader and its own LoRA fusing on a diffusers UNet: every layer changes by
+    what the kit adds to the same layer (named through the kit's DiffSynth-to-diffusers map)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    kohya = load_file(str(locon.files["lora_kohya"]))
+    converted, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(kohya))
+    config = models.model_files(tiny).unet.with_name("config.json")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(config.parent)))
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.load_lora_adapter(converted, prefix="unet", network_alphas=alphas, adapter_name="locon")
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+    after = unet.state_dict()
+    modules, _ = lora_files.read_lora(locon.files["lora"])
+    to_diffusers = lora_files.diffusers_module_map(config)
+    assert any(a.ndim == 4 for a, _, _ in modules.values())
+    for module, (a, b, scale) in modules.items():
+        name = to_diffusers[module] + ".weight"
+        torch.testing.assert_close(after[name] - before[name], scale * lora_files.lora_delta(a, b),
+                                   rtol=1e-3, atol=1e-6)
+
+
+def test_kohya_locon_keys_follow_comfyui_and_its_rule_gives_the_kits_change(tiny, locon):
+    """ComfyUI maps ``lora_unet_<diffusers name, dots as underscores>`` to a UNet weight and adds
+    ``alpha / rank * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)``
+    (comfy/weight_adapter/lora.py): the layout must make that the kit's change."""
+    from diffusers import UNet2DConditionModel
+
+    config = models.model_files(tiny).unet.with_name("config.json")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(config.parent)))
+    weights = {lora_files.kohya_name(k[: -len(".weight")]): v.shape
+               for k, v in unet.state_dict().items() if k.endswith(".weight")}
+    kohya = load_file(str(locon.files["lora_kohya"]))
+    modules, _ = lora_files.read_lora(locon.files["lora_kohya"], config)
+    inverse = {lora_files.kohya_name(d): ds for ds, d in lora_files.diffusers_module_map(config).items()}
+    convs = [k[: -len(".lora_down.weight")] for k, v in kohya.items() if k.endswith(".lora_down.weight") and v.ndim == 4]
+    assert convs
+    for base in convs:
+        down, up, alpha = kohya[f"{base}.lora_down.weight"], kohya[f"{base}.lora_up.weight"], kohya[f"{base}.alpha"]
+        comfy = (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1)).reshape(weights[base])
+        a, b, scale = modules[inverse[base]]
+        torch.testing.assert_close(comfy, scale * lora_files.lora_delta(a, b))
+
+
+def test_parameter_counts_include_the_convolutions(tiny):
+    unet = models.load_pipeline(tiny).unet
+    _, counts = lora_parameter_counts(unet, ranks=(RANK,), target_modules=TARGETS)
+    _, attention = lora_parameter_counts(unet, ranks=(RANK,), target_modules=TARGETS[2:])
+    params = add_lora(unet, _cfg(tiny))
+    assert sum(p.numel() for p in params) == counts[RANK] > attention[RANK]
+
+
+def test_a_name_that_is_no_layer_is_still_refused(tiny):
+    with pytest.raises(TrainingError, match="conv1, conv2"):
+        add_lora(models.load_pipeline(tiny).unet, _cfg(tiny, target_modules=("conv9",)))
+
+
+def test_an_up_half_that_is_not_1x1_is_refused_and_nothing_fuses(tiny, locon, tmp_path):
+    """A LyCORIS kind the kit does not read (here an up half with a 3x3 kernel): the file, the
+    module and what to use instead, and the UNet untouched."""
+    with safe_open(str(locon.files["lora"]), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    conv = _convolutions(locon.files["lora"])[0]
+    b = state[f"{conv}.lora_B.weight"]
+    state[f"{conv}.lora_B.weight"] = b.repeat(1, 1, 3, 3) / 9
+    bad = tmp_path / "tucker.safetensors"
+    save_file(state, str(bad), metadata=meta)
+    mm = models.load_model_manager(tiny)
+    unet = mm.model[mm.model_name.index("sdxl_unet")]
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(lora_files.LoRAFileError, match=r"tucker\.safetensors.*conv.*1x1"):
+        lora_files.fuse_lora(mm, bad)
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+
+# --- the strength dial, trained ---------------------------------------------------------
+def test_adapters_at_a_strength_predict_what_the_fused_file_at_it_does(tiny, locon):
+    """What training runs at strength s is what a learner's dial at s runs; the adapters' own
+    scale comes back afterwards, on error too."""
+    pipe = models.load_pipeline(tiny)
+    add_lora(pipe.unet, _cfg(tiny))
+    load_lora_state(pipe.unet, load_file(str(locon.files["lora"])))
+    full = _prediction(pipe.unet, pipe)
+    with adapters_at(pipe.unet, 0.4):
+        at = _prediction(pipe.unet, pipe)
+    fused = models.load_pipeline(tiny)
+    set_lora_scale(fused, locon.files["lora"], 0.4)
+    torch.testing.assert_close(at, _prediction(fused.unet, fused), rtol=1e-4, atol=1e-5)
+    assert (at - full).abs().max() > 1e-4
+    with pytest.raises(RuntimeError), adapters_at(pipe.unet, 0.0):
+        raise RuntimeError("stop")
+    torch.testing.assert_close(_prediction(pipe.unet, pipe), full)
+
+
+def _first_loss(tiny, dataset, tmp_path, monkeypatch, **kw):
+    """The first step's loss: the adapters start at zero, so the UNet predicts as the base model."""
+    seen = []
+    real = lora_train.batch_loss
+
+    def record(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        seen.append(float(loss.detach()))
+        return loss
+    monkeypatch.setattr(lora_train, "batch_loss", record)
+    cfg = _cfg(tiny, max_steps=1, checkpoint_every=1, validate_every=None, preserve_weight=0.0, trigger_words=[], **kw)
+    train_lora(tiny, dataset, tmp_path / f"r{len(list(tmp_path.iterdir()))}", cfg)
+    return seen[0]
+
+
+def test_at_strength_s_the_target_is_s_of_the_way_from_the_base_model(tiny, dataset, tmp_path, monkeypatch):
+    """With the adapters still at zero the prediction is the base model's, so a target s of the way
+    from it to the data's leaves s squared of the plain loss: the square root of the ratio is the
+    strength drawn, between strength_min and 1 (the same noise and timestep: drawn before it)."""
+    plain = [_first_loss(tiny, dataset, tmp_path, monkeypatch, seed=seed) for seed in (0, 1, 2)]
+    for low in (0.5, 0.9):
+        drawn = [(_first_loss(tiny, dataset, tmp_path, monkeypatch, seed=seed, strength_min=low) / p) ** 0.5
+                 for seed, p in zip((0, 1, 2), plain)]
+        assert all(low - 1e-4 <= s <= 1 + 1e-4 for s in drawn), (low, drawn)
+        assert max(drawn) - min(drawn) > 1e-3, drawn           # drawn afresh, not a constant
+        assert min(drawn) < 1 - 1e-3
+
+
+def test_strength_min_outside_0_to_1_is_refused(tiny):
+    for bad in (-0.1, 1.5):
+        with pytest.raises(TrainingError, match="strength_min"):
+            _cfg(tiny, strength_min=bad).validate()
