@@ -1,19 +1,16 @@
 """A LoRA on the UNet's convolutions too (LoCon): trained by the kit's own ``train_lora``, exported
 in both layouts, fused by the kit (DiffSynth 1.1.9 fuses 1x1 convolutions only) and read by code
-nobody here wrote (peft's adapters, diffusers' kohya reader and LoRA fusing).  And the strength
-dial trained (``TrainConfig.strength_min``): adapters at strength s are the fused file at s, and
-at s the loss asks for s of the way from the base model's answer to the data's."""
+nobody here wrote (peft's adapters, diffusers' kohya reader and LoRA fusing)."""
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import kolors_course.lora.files as lora_files
-import kolors_course.lora.train as lora_train
 import kolors_course.models.loading as models
 from kolors_course.data.build import build_training_set
 from kolors_course.data.recipe import Recipe
-from kolors_course.lora.adapters import adapters_at, add_lora, load_lora_state
+from kolors_course.lora.adapters import add_lora, load_lora_state
 from kolors_course.lora.config import TrainConfig, TrainingError
 from kolors_course.lora.lessons import lora_parameter_counts
 from kolors_course.lora.strength import set_lora_scale
@@ -169,55 +166,3 @@ def test_an_up_half_that_is_not_1x1_is_refused_and_nothing_fuses(tiny, locon, tm
         lora_files.fuse_lora(mm, bad)
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
 
-
-# --- the strength dial, trained ---------------------------------------------------------
-def test_adapters_at_a_strength_predict_what_the_fused_file_at_it_does(tiny, locon):
-    """What training runs at strength s is what a learner's dial at s runs; the adapters' own
-    scale comes back afterwards, on error too."""
-    pipe = models.load_pipeline(tiny)
-    add_lora(pipe.unet, _cfg(tiny))
-    load_lora_state(pipe.unet, load_file(str(locon.files["lora"])))
-    full = _prediction(pipe.unet, pipe)
-    with adapters_at(pipe.unet, 0.4):
-        at = _prediction(pipe.unet, pipe)
-    fused = models.load_pipeline(tiny)
-    set_lora_scale(fused, locon.files["lora"], 0.4)
-    torch.testing.assert_close(at, _prediction(fused.unet, fused), rtol=1e-4, atol=1e-5)
-    assert (at - full).abs().max() > 1e-4
-    with pytest.raises(RuntimeError), adapters_at(pipe.unet, 0.0):
-        raise RuntimeError("stop")
-    torch.testing.assert_close(_prediction(pipe.unet, pipe), full)
-
-
-def _first_loss(tiny, dataset, tmp_path, monkeypatch, **kw):
-    """The first step's loss: the adapters start at zero, so the UNet predicts as the base model."""
-    seen = []
-    real = lora_train.batch_loss
-
-    def record(*args, **kwargs):
-        loss = real(*args, **kwargs)
-        seen.append(float(loss.detach()))
-        return loss
-    monkeypatch.setattr(lora_train, "batch_loss", record)
-    cfg = _cfg(tiny, max_steps=1, checkpoint_every=1, validate_every=None, preserve_weight=0.0, trigger_words=[], **kw)
-    train_lora(tiny, dataset, tmp_path / f"r{len(list(tmp_path.iterdir()))}", cfg)
-    return seen[0]
-
-
-def test_at_strength_s_the_target_is_s_of_the_way_from_the_base_model(tiny, dataset, tmp_path, monkeypatch):
-    """With the adapters still at zero the prediction is the base model's, so a target s of the way
-    from it to the data's leaves s squared of the plain loss: the square root of the ratio is the
-    strength drawn, between strength_min and 1 (the same noise and timestep: drawn before it)."""
-    plain = [_first_loss(tiny, dataset, tmp_path, monkeypatch, seed=seed) for seed in (0, 1, 2)]
-    for low in (0.5, 0.9):
-        drawn = [(_first_loss(tiny, dataset, tmp_path, monkeypatch, seed=seed, strength_min=low) / p) ** 0.5
-                 for seed, p in zip((0, 1, 2), plain)]
-        assert all(low - 1e-4 <= s <= 1 + 1e-4 for s in drawn), (low, drawn)
-        assert max(drawn) - min(drawn) > 1e-3, drawn           # drawn afresh, not a constant
-        assert min(drawn) < 1 - 1e-3
-
-
-def test_strength_min_outside_0_to_1_is_refused(tiny):
-    for bad in (-0.1, 1.5):
-        with pytest.raises(TrainingError, match="strength_min"):
-            _cfg(tiny, strength_min=bad).validate()

@@ -78,7 +78,6 @@ class Profile:
     # TrainConfig.preserve_weight when a trigger word is set: keeps the base model's pictures for
     # prompts without the word (tiny: the pastel look otherwise came just as strongly without it)
     lora_preserve_weight: float = 0.0
-    lora_strength_min: float = 1.0        # TrainConfig.strength_min: 1.0 trains at full strength only
     gradient_checkpointing: bool = False
     precision: str = "fp32"
     validations: int = 0                  # validation-image rounds during training, besides step 0 and the last step

@@ -93,23 +93,6 @@ def adapters_off(unet):
             p.requires_grad_(flag)
 
 
-@contextmanager
-def adapters_at(unet, strength: float):
-    """The UNet with its adapters at ``strength`` times their trained scale (what a LoRA strength
-    dial does to the fused file), their own scale put back afterwards, on error too."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
-    saved = [dict(m.scaling) for m in layers]
-    for m, scaling in zip(layers, saved):
-        m.scaling.update({name: value * strength for name, value in scaling.items()})
-    try:
-        yield unet
-    finally:
-        for m, scaling in zip(layers, saved):
-            m.scaling.update(scaling)
-
-
 def lora_state(unet) -> dict:
     """The LoRA weights only, as a float32 CPU state dict (``{module}.lora_A.weight`` ...):
     peft's own view of the adapter, without its adapter-name infix."""

@@ -44,12 +44,6 @@ class TrainConfig:
     # look belongs to the word, and the look comes without the word too (README, "The tiny world").
     # Costs one more forward pass with gradients and one without per step; 0: off.
     preserve_weight: float = 0.0
-    # Training the strength dial: each step draws a strength s between this and 1, runs the
-    # adapters at s (as a dial at s runs the fused LoRA) and asks for s of the way from the base
-    # model's prediction (adapters off) to the data's target.  A LoRA trained at 1 only is free to
-    # do anything at 0.5: on the tiny world its look came as a switch between 0.5 and 1.  Costs one
-    # more forward pass without gradients per step; 1.0: off (plain LoRA training).
-    strength_min: float = 1.0
     precision: str = "auto"                 # auto, fp32, fp16, bf16
     gradient_checkpointing: bool = True
     cache_latents: bool = True
@@ -130,7 +124,6 @@ class TrainConfig:
                     # the preservation keeps the base model for captions without the trigger word:
                     # with no trigger word there are none, so the profile's weight applies only with one
                     preserve_weight=profile.lora_preserve_weight if trigger_words(overrides.get("trigger_words")) else 0.0,
-                    strength_min=profile.lora_strength_min,
                     gradient_checkpointing=profile.gradient_checkpointing,
                     checkpoint_every=max(1, profile.train_steps // 5),
                     # evenly spaced rounds, the last one a round's length before the end (the
@@ -172,9 +165,6 @@ class TrainConfig:
         elif self.preserve_weight and not self.trigger_words:
             problems.append(f"preserve_weight={self.preserve_weight}: it keeps the base model's pictures for the "
                             "captions without the trigger word, so it needs trigger_words (or preserve_weight=0)")
-        if not (isinstance(self.strength_min, (int, float)) and 0 <= self.strength_min <= 1):
-            problems.append(f"strength_min={self.strength_min!r}: use a number from 0 to 1 (1: off, plain "
-                            "LoRA training; 0.25: the dial trained from a quarter strength up)")
         if self.resolution % 64 or self.resolution < 64:
             problems.append(f"resolution={self.resolution}: Kolors needs a multiple of 64 (1024 on kolors)")
         for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kolors_course.lora.adapters import adapters_at, adapters_off
+from kolors_course.lora.adapters import adapters_off
 from kolors_course.lora.config import TrainConfig
 
 
@@ -25,9 +25,6 @@ def batch_loss(unet_t, data, global_idx, cfg, pipe, scheduler, gen, accelerator)
     if cfg.offset_noise:        # drawn only when asked, so runs without it keep their random stream
         noise_all = noise_all + cfg.offset_noise * torch.randn((len(global_idx), 4, 1, 1), generator=gen)
     tid = int(torch.randint(0, len(scheduler.timesteps), (1,), generator=gen))
-    strength = 1.0
-    if cfg.strength_min < 1:    # drawn only when asked, so runs without it keep their random stream
-        strength = cfg.strength_min + (1 - cfg.strength_min) * float(torch.rand((), generator=gen))
     mine = slice(rank * share, (rank + 1) * share)
     latents, emb, pooled = [], [], []
     for i, flip in zip(global_idx[mine], flips[mine]):
@@ -49,10 +46,6 @@ def batch_loss(unet_t, data, global_idx, cfg, pipe, scheduler, gen, accelerator)
     b = latents.shape[0]
     h, w = latents.shape[2] * 8, latents.shape[3] * 8
     noisy = noisy.to(pipe.torch_dtype)
-    if strength < 1:
-        # at strength s the target is s of the way from the base model's answer to the data's
-        base_here = base_prediction(accelerator, unet_t, noisy, timestep, emb, pooled, h, w)
-        target = strength * target.float() + (1 - strength) * base_here
     # the samples whose caption held the trigger word (data.prepare_data encoded them without it)
     keep = [j for j, i in enumerate(global_idx[mine]) if "plain_encoder_hidden_states" in data[i]] \
         if cfg.preserve_weight else []
@@ -68,7 +61,7 @@ def batch_loss(unet_t, data, global_idx, cfg, pipe, scheduler, gen, accelerator)
         noisy, emb, pooled = (torch.cat([noisy, again]), torch.cat([emb, plain_emb]),
                               torch.cat([pooled, plain_pooled]))
     add_time_id = torch.tensor([h, w, 0, 0, h, w], device=device).repeat(noisy.shape[0])
-    with adapters_at(accelerator.unwrap_model(unet_t), strength), accelerator.autocast():
+    with accelerator.autocast():
         pred = unet_t(noisy, timestep=timestep, encoder_hidden_states=emb, add_text_embeds=pooled,
                       add_time_id=add_time_id, use_gradient_checkpointing=cfg.gradient_checkpointing)
     loss = torch.nn.functional.mse_loss(pred[:b].float(), target.float())
