@@ -62,3 +62,15 @@ def course_run(tmp_path_factory):
                            "--out", str(out), "-p", "team_name", COURSE_TEAM],
                           cwd=ROOT, capture_output=True, text=True, timeout=1500)
     return proc, out
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory):
+    """A small synthetic training set (8 pictures) for the LoRA training tests; read-only: a test
+    that changes it copies it first."""
+    from kolors_course.data.build import build_training_set
+    from kolors_course.data.recipe import Recipe
+
+    out = tmp_path_factory.mktemp("lora_set") / "ds"
+    build_training_set("synthetic", out, recipe=Recipe(min_width=48, min_height=48), limit=8)
+    return out

@@ -8,8 +8,6 @@ from safetensors.torch import load_file, save_file
 
 import kolors_course.lora.files as lora_files
 import kolors_course.models.loading as models
-from kolors_course.data.build import build_training_set
-from kolors_course.data.recipe import Recipe
 from kolors_course.lora.adapters import add_lora, load_lora_state
 from kolors_course.lora.config import TrainConfig, TrainingError
 from kolors_course.lora.lessons import lora_parameter_counts
@@ -25,17 +23,10 @@ def _cfg(tiny, **kw):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    ds = tmp_path_factory.mktemp("locon") / "ds"
-    build_training_set("synthetic", ds, recipe=Recipe(min_width=48, min_height=48), limit=6)
-    return ds
-
-
-@pytest.fixture(scope="module")
-def locon(tiny, dataset, tmp_path_factory):
+def locon(tiny, dataset_dir, tmp_path_factory):
     cfg = _cfg(tiny, max_steps=12, learning_rate=2e-2, validate_every=0, checkpoint_every=12,
                trigger_words=[], preserve_weight=0.0)
-    return train_lora(tiny, dataset, tmp_path_factory.mktemp("run") / "r", cfg)
+    return train_lora(tiny, dataset_dir, tmp_path_factory.mktemp("run") / "r", cfg)
 
 
 def _convolutions(path):

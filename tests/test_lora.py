@@ -9,21 +9,12 @@ from safetensors.torch import load_file
 import kolors_course.lora.files as lora_files
 import kolors_course.models.loading as models
 from kolors_course.core.profiles import KOLORS
-from kolors_course.data.recipe import Recipe
-from kolors_course.data.build import build_training_set
 from kolors_course.data.training_set import DatasetError
 from kolors_course.lora.config import TrainConfig, TrainingError
 from kolors_course.lora.lessons import lora_demo, lora_parameter_counts
 from kolors_course.lora.memory import preflight
 from kolors_course.lora.train import train_lora
 from kolors_course.generation.text2image import generate
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lora") / "ds"
-    build_training_set("synthetic", out, recipe=Recipe(min_width=48, min_height=48), limit=8)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,23 +11,14 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import kolors_course.cli as cli
 import kolors_course.lora.files as lora_files
 import kolors_course.lora.train as lora_train
 import kolors_course.models.loading as models
-from kolors_course.data.recipe import Recipe
-from kolors_course.data.build import build_training_set
 from kolors_course.lora.config import TrainConfig, TrainingError
 from kolors_course.lora.train import train_lora
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("defects") / "ds"
-    build_training_set("synthetic", out, recipe=Recipe(min_width=48, min_height=48), limit=8)
-    return out
 
 
 def _cfg(tiny, **kw):
