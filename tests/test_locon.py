@@ -157,3 +157,27 @@ def test_an_up_half_that_is_not_1x1_is_refused_and_nothing_fuses(tiny, locon, tm
         lora_files.fuse_lora(mm, bad)
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
 
+
+
+def test_layers_the_export_cannot_name_are_refused_before_training(tiny, dataset_dir, tmp_path):
+    """The transformer's proj_in has no kohya name in the kit's map: refused at the start with the
+    target named, not after the last step at the export."""
+    cfg = _cfg(tiny, target_modules=("proj_in", "attn2.to_k"), max_steps=50, checkpoint_every=50, trigger_words=[],
+               preserve_weight=0.0)
+    with pytest.raises(TrainingError, match=r"\['proj_in'\].*kohya.*leave them out of target_modules"):
+        train_lora(tiny, dataset_dir, tmp_path / "r", cfg)
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_the_model_card_says_how_to_load_a_locon(tiny, locon, tmp_path):
+    """DiffSynth's own load_lora cannot fuse 3x3 convolutions: the uploaded card says so."""
+    from kolors_course.story.gallery import model_card
+    from kolors_course.story.scoring import Scores
+    from kolors_course.story.stories import generation_settings, load_story
+
+    tale = load_story(tiny.story)
+    scores = Scores(per_image=[6.0] * 8, mean=6.0, threshold=6.0, meaningful=False)
+    settings = generation_settings(tale, tiny)
+    card = model_card("队", tale, lora_files.read_lora(locon.files["lora"])[1], settings, scores)
+    assert "3x3 convolution layers (a LoCon)" in card and "kohya" in card
+    assert "LoCon" not in model_card("队", tale, {}, settings, scores)       # an attention LoRA's card

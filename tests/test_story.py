@@ -77,7 +77,7 @@ def test_story_generation_is_reproducible(tiny_pipe, tiny, tmp_path):
     s = parse_story(_story_dict())
     settings = story.generation_settings(s, tiny)
     a = story.generate_story(tiny_pipe, s, settings, tmp_path / "a")
-    b = story.generate_story(tiny_pipe, s, settings, tmp_path / "b")
+    b = story.generate_story(tiny_pipe, s, settings, str(tmp_path / "b"))      # a folder given as text too
     assert len(a) == 8 and (tmp_path / "a" / "scene_08.png").exists()
     for ra, rb in zip(a, b):
         assert np.array_equal(np.asarray(ra["image"]), np.asarray(rb["image"]))

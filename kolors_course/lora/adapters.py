@@ -36,6 +36,20 @@ def add_lora(unet, cfg: TrainConfig):
     return inject_lora(unet, cfg)
 
 
+def refuse_unexportable(unet, unet_config_path, cfg: TrainConfig) -> None:
+    """Refuse, before any step, adapters the export could not name in the kohya layout (a
+    ``TrainingError`` naming the targets), rather than failing after the last step."""
+    from kolors_course.lora.files import unexportable
+
+    adapted = {n.rsplit(".lora_", 1)[0] for n, _ in unet.named_parameters() if "lora_" in n}
+    bad = unexportable(adapted, unet_config_path)
+    if bad:
+        targets = [t for t in cfg.target_modules if any(is_lora_target(m, (t,)) for m in bad)]
+        raise TrainingError(f"target_modules {targets}: {bad[0]}" + (f" and {len(bad) - 1} more layers" if len(bad) > 1 else "")
+                            + " cannot be written in the kohya layout ComfyUI reads (the kit's map to diffusers "
+                            "names has no entry for them); leave them out of target_modules")
+
+
 def inject_lora(unet, cfg: TrainConfig):
     """Freeze the UNet, add peft adapters to ``cfg.target_modules`` (any layer peft adapts, without
     ``add_lora``'s check) and return the adapters' parameters, in fp32 and trainable."""

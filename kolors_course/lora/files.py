@@ -139,6 +139,9 @@ def export_lora(pairs: dict, rank: int, alpha: float, out_dir: str | os.PathLike
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = lora_metadata(rank, alpha, base_model, trigger_words, training)
+    wide = sum(_is_wide_convolution(a) for a, _ in pairs.values())
+    if wide:    # the model card says how to load it: DiffSynth's own load_lora cannot
+        meta["kolors_course.wide_convolutions"] = str(wide)
     mapping = diffusers_module_map(unet_config_path)
     kohya = {}
     for module, (a, b) in pairs.items():
@@ -153,6 +156,13 @@ def export_lora(pairs: dict, rank: int, alpha: float, out_dir: str | os.PathLike
     save_diffsynth_lora(pairs, paths["diffsynth"], meta)
     _atomic_save(kohya, paths["kohya"], dict(meta, layout="kohya"))
     return paths
+
+
+def unexportable(modules, unet_config_path: str | os.PathLike) -> list[str]:
+    """The modules among ``modules`` (DiffSynth names) the kohya layout has no name for: a LoRA
+    on them could be trained but not exported, so training refuses them before it starts."""
+    mapping = diffusers_module_map(unet_config_path)
+    return sorted(m for m in modules if m not in mapping)
 
 
 # --- reading ---------------------------------------------------------------------
@@ -176,7 +186,8 @@ def _check_pair(path: Path, name: str, a: torch.Tensor, b: torch.Tensor, down: s
     if a.ndim == 4 and tuple(b.shape[2:]) != (1, 1):
         raise LoRAFileError(f"{path.name}: {name}: {up} is a {tuple(b.shape[2:])} convolution; the kit reads "
                             "LoRA pairs whose up half is 1x1 (LoRA and LoCon as kohya and peft write them, not "
-                            "LyCORIS' other kinds such as LoHa or Tucker-decomposed LoCon)")
+                            "LyCORIS' other kinds such as LoHa or Tucker-decomposed LoCon): use a LoRA or LoCon "
+                            "trained by this kit (notebook 03), kohya's sd-scripts or peft")
     if a.shape[0] != b.shape[1]:
         raise LoRAFileError(f"{path.name}: {name}: {down} has rank {a.shape[0]} but {up} rank {b.shape[1]} "
                             f"({tuple(a.shape)} and {tuple(b.shape)}); {REDO}")
@@ -221,7 +232,8 @@ def read_lora(path: str | os.PathLike, unet_config_path: str | os.PathLike | Non
     out = {}
     if any(k.startswith("lora_unet_") for k in state):
         if unet_config_path is None:
-            raise LoRAFileError(f"{path.name}: a kohya-layout file needs the UNet config to map its names")
+            raise LoRAFileError(f"{path.name}: a kohya-layout file needs the UNet config to map its names: "
+                                "pass unet_config_path (the config.json beside the UNet's weights)")
         inverse = {kohya_name(d): ds for ds, d in diffusers_module_map(unet_config_path).items()}
         halves = {}
         for key in state:

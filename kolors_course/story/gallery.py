@@ -323,7 +323,11 @@ def model_card(team: str, story, meta: dict, settings: dict, scores) -> str:
              f"- mean aesthetic score: {scores.mean:.3f} ({'meets' if scores.valid else 'below'} the bar of "
              f"{scores.threshold:g})" + ("" if scores.meaningful else " (tiny profile: stand-in scorer)"),
              "", "## Files", "",
-             "- `lora.safetensors`: DiffSynth layout (`ModelManager.load_lora(path, lora_alpha=scale*alpha/rank)`)",
+             "- `lora.safetensors`: DiffSynth layout (`ModelManager.load_lora(path, lora_alpha=scale*alpha/rank)`)"
+             + (f"; it holds {meta['kolors_course.wide_convolutions']} 3x3 convolution layers (a LoCon), which "
+                "DiffSynth 1.1.9's `load_lora` cannot fuse: load it with the kit "
+                "(`kc.load_pipeline(profile, lora=path)`) or use the kohya file"
+                if meta.get("kolors_course.wide_convolutions") else ""),
              "- `lora_kohya.safetensors`: kohya/SDXL layout for ComfyUI (`LoraLoaderModelOnly` after the Kolors-MZ "
              "UNet loader) and diffusers", "", "## Training settings", ""]
     lines += [f"- {k}: {v}" for k, v in training.items()]

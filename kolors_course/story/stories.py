@@ -184,10 +184,12 @@ def scene_settings(story: Story, settings: dict, i: int = 0) -> dict:
                 width=settings["width"])
 
 
-def generate_story(pipe, story: Story, settings: dict, folder: Path) -> list[dict]:
-    """Generate every scene; images saved as ``folder/scene_01.png ...``; returns one record each."""
+def generate_story(pipe, story: Story, settings: dict, folder: str | os.PathLike) -> list[dict]:
+    """Generate every scene; images saved as ``folder/scene_01.png ...`` (a relative folder is
+    under the project root, as everywhere in the kit); returns one record each."""
     from kolors_course.generation.text2image import generate
 
+    folder = project_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for i in progress(range(len(story.scenes)), desc=f"story: {story.title}"):
