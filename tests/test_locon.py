@@ -88,7 +88,6 @@ def test_diffusers_reads_and_fuses_the_kohya_locon_to_the_same_change(tiny, loco
     kohya = load_file(str(locon.files["lora_kohya"]))
     converted, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(kohya))
     config = models.model_files(tiny).unet.with_name("config.json")
-    torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(config.parent)))
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     unet.load_lora_adapter(converted, prefix="unet", network_alphas=alphas, adapter_name="locon")
@@ -140,23 +139,69 @@ def test_a_name_that_is_no_layer_is_still_refused(tiny):
         add_lora(models.load_pipeline(tiny).unet, _cfg(tiny, target_modules=("conv9",)))
 
 
-def test_an_up_half_that_is_not_1x1_is_refused_and_nothing_fuses(tiny, locon, tmp_path):
-    """A LyCORIS kind the kit does not read (here an up half with a 3x3 kernel): the file, the
-    module and what to use instead, and the UNet untouched."""
+def _edited(locon, tmp_path, name, edit):
+    """The LoCon's DiffSynth file rewritten through ``edit(state, first convolution)``."""
     with safe_open(str(locon.files["lora"]), "pt") as f:
         meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    conv = _convolutions(locon.files["lora"])[0]
-    b = state[f"{conv}.lora_B.weight"]
-    state[f"{conv}.lora_B.weight"] = b.repeat(1, 1, 3, 3) / 9
-    bad = tmp_path / "tucker.safetensors"
-    save_file(state, str(bad), metadata=meta)
-    mm = models.load_model_manager(tiny)
-    unet = mm.model[mm.model_name.index("sdxl_unet")]
-    before = {k: v.clone() for k, v in unet.state_dict().items()}
-    with pytest.raises(lora_files.LoRAFileError, match=r"tucker\.safetensors.*conv.*1x1"):
-        lora_files.fuse_lora(mm, bad)
-    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    edit(state, _convolutions(locon.files["lora"])[0])
+    save_file(state, str(tmp_path / name), metadata=meta)
+    return tmp_path / name
 
+
+def _unet_of(mm):
+    return mm.model[mm.model_name.index("sdxl_unet")]
+
+
+@pytest.mark.parametrize("name, edit, said", [
+    # an up half with a 3x3 kernel
+    ("up3x3.safetensors", lambda s, c: s.update({f"{c}.lora_B.weight": s[f"{c}.lora_B.weight"].repeat(1, 1, 3, 3) / 9}),
+     r"up3x3\.safetensors.*conv.*LoHa"),
+    # Tucker LoCon's middle
+    ("tucker.safetensors", lambda s, c: s.update({f"{c}.lora_mid.weight": torch.zeros(4, 4, 3, 3)}),
+     r"tucker\.safetensors.*lora_mid.*Tucker"),
+    # LoHa's Hadamard halves
+    ("loha.safetensors", lambda s, c: s.update({f"{c}.hada_w1_a": torch.zeros(4, 4)}), r"loha\.safetensors.*hada_w1_a"),
+    # a convolution layer this UNet does not have
+    ("absent.safetensors", lambda s, c: s.update({k.replace(c, "blocks.99.conv1"): v.clone() for k, v in list(s.items())
+                                                  if k.startswith(c + ".")}), r"blocks\.99\.conv1 is no layer of this UNet"),
+])
+def test_files_the_kit_cannot_use_are_refused_and_nothing_changes(tiny, locon, tmp_path, name, edit, said):
+    """Refused with the file, what is wrong and what to do, before anything is fused: by the loader
+    and by the strength dial (which sets base weights aside first)."""
+    bad = _edited(locon, tmp_path, name, edit)
+    mm = models.load_model_manager(tiny)
+    before = {k: v.clone() for k, v in _unet_of(mm).state_dict().items()}
+    with pytest.raises(lora_files.LoRAFileError, match=said):
+        lora_files.fuse_lora(mm, bad)
+    assert all(torch.equal(before[k], v) for k, v in _unet_of(mm).state_dict().items())
+    pipe = models.load_pipeline(tiny)
+    with pytest.raises(lora_files.LoRAFileError, match=said):
+        set_lora_scale(pipe, bad, 1.0)
+
+
+def test_a_file_of_3x3_convolutions_only_is_fused_by_the_kit_alone(tiny, locon, tmp_path):
+    """No Linear or 1x1 pair left for DiffSynth: the kit fuses the convolutions and nothing else."""
+    only = _edited(locon, tmp_path, "convs.safetensors",
+                   lambda s, c: [s.pop(k) for k in list(s) if s[k].ndim != 4])
+    modules, _ = lora_files.read_lora(only)
+    assert modules and all(a.ndim == 4 for a, _, _ in modules.values())
+    base = dict(models.load_pipeline(tiny).unet.named_parameters())
+    fused = dict(models.load_pipeline(tiny, lora=only).unet.named_parameters())
+    changed = {n for n in base if not torch.equal(base[n], fused[n])}
+    assert changed == {f"{m}.weight" for m in modules}
+    for m, (a, b, scale) in modules.items():
+        torch.testing.assert_close(fused[f"{m}.weight"] - base[f"{m}.weight"], scale * lora_files.lora_delta(a, b),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_grouped_or_dilated_convolutions_are_refused(tiny):
+    """The kit's B A per tap holds for plain convolutions; a grouped one is named and refused."""
+    from kolors_course.lora.adapters import check_layers
+
+    net = torch.nn.Module()
+    net.conv1 = torch.nn.Conv2d(8, 8, 3, groups=2)
+    with pytest.raises(TrainingError, match="grouped or dilated convolutions"):
+        check_layers(net, _cfg(tiny, target_modules=("conv1",)))
 
 
 def test_layers_the_export_cannot_name_are_refused_before_training(tiny, dataset_dir, tmp_path):

@@ -231,7 +231,7 @@ def test_lora_file_errors(tiny, tmp_path, trained):
     save_file({"blocks.999.nothing.lora_A.weight": torch.zeros(4, 8),
                "blocks.999.nothing.lora_B.weight": torch.zeros(8, 4)}, str(tmp_path / "alien.safetensors"),
               metadata={"lora_alpha": "4"})
-    with pytest.raises(lora_files.LoRAFileError, match="did not apply"):
+    with pytest.raises(lora_files.LoRAFileError, match="alien.safetensors: blocks.999.nothing is no layer of this UNet"):
         lora_files.fuse_lora(mm, tmp_path / "alien.safetensors")
     with pytest.raises(ValueError, match="scale"):
         lora_files.fuse_lora(mm, trained.files["lora"], scale=-1)

@@ -49,7 +49,7 @@ index, hidden, pooled = encode_captions(tiny_prompter(shipped_weights_dir()), ca
 
 unet = pipe.unet
 unet.float()
-# the kit's adapters (without its Linear-only check); seeded, the global generator put back after
+# the kit's adapters (without add_lora's checks); seeded, the global generator put back after
 inject_lora(unet, SimpleNamespace(rank=rank, alpha=rank, target_modules=targets, seed=seed))
 cfg = UNetConfig(steps=steps, batch_size=16, learning_rate=lr, warmup_steps=10, ema_decay=0.0, weight_decay=0.0,
                  offset_noise=0.3, log_every=10 ** 9, seed=seed)

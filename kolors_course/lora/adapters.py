@@ -27,22 +27,40 @@ def add_lora(unet, cfg: TrainConfig):
     """Freeze the UNet and add peft LoRA adapters to ``cfg.target_modules``: attention projections
     (Linear layers) and convolutions, what the kit exports and fuses; a name that is no such layer
     is refused before anything changes."""
-    names = [n for n, m in unet.named_modules() if isinstance(m, ADAPTABLE)]
-    missing = [t for t in cfg.target_modules if not any(is_lora_target(n, (t,)) for n in names)]
+    check_layers(unet, cfg)
+    return inject_lora(unet, cfg)
+
+
+def check_layers(unet, cfg: TrainConfig) -> None:
+    """``cfg.target_modules`` name layers of this UNet that the kit can adapt (a ``TrainingError``
+    saying which are not, and what the layers are called)."""
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, ADAPTABLE)}
+    missing = [t for t in cfg.target_modules if not any(is_lora_target(n, (t,)) for n in layers)]
     if missing:
         raise TrainingError(f"target_modules {missing} are not layers of this UNet (its attention layers "
                             "are to_q, to_k, to_v, to_out; attn1.* are self-attention's, attn2.* cross-attention's; "
                             "its residual blocks' convolutions are conv1, conv2)")
-    return inject_lora(unet, cfg)
+    # the fusing and the files treat a convolution's change as B A tap by tap: plain convolutions only
+    odd = [n for n, m in layers.items() if isinstance(m, torch.nn.Conv2d) and is_lora_target(n, cfg.target_modules)
+           and (m.groups != 1 or tuple(m.dilation) != (1, 1))]
+    if odd:
+        raise TrainingError(f"target_modules name grouped or dilated convolutions ({odd[0]}), which the kit "
+                            "cannot fuse or export; name plain ones such as conv1, conv2")
 
 
-def refuse_unexportable(unet, unet_config_path, cfg: TrainConfig) -> None:
-    """Refuse, before any step, adapters the export could not name in the kohya layout (a
-    ``TrainingError`` naming the targets), rather than failing after the last step."""
+def targeted_layers(unet, target_modules) -> list[str]:
+    """The names of the layers ``target_modules`` puts adapters on (as ``add_lora`` would)."""
+    return [n for n, m in unet.named_modules() if isinstance(m, ADAPTABLE) and is_lora_target(n, target_modules)]
+
+
+def check_targets(unet, unet_config_path, cfg: TrainConfig) -> None:
+    """Everything ``add_lora`` checks, and that the export can name every targeted layer in the
+    kohya layout: run before the training set is encoded, so a wrong name costs seconds, not a
+    run that fails at its export."""
     from kolors_course.lora.files import unexportable
 
-    adapted = {n.rsplit(".lora_", 1)[0] for n, _ in unet.named_parameters() if "lora_" in n}
-    bad = unexportable(adapted, unet_config_path)
+    check_layers(unet, cfg)
+    bad = unexportable(targeted_layers(unet, cfg.target_modules), unet_config_path)
     if bad:
         targets = [t for t in cfg.target_modules if any(is_lora_target(m, (t,)) for m in bad)]
         raise TrainingError(f"target_modules {targets}: {bad[0]}" + (f" and {len(bad) - 1} more layers" if len(bad) > 1 else "")

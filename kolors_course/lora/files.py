@@ -4,7 +4,7 @@ Layouts written by ``export_lora``:
 
 ``<name>.safetensors``
     peft names on DiffSynth's UNet (``blocks.7.transformer_blocks.0.attn1.to_q.lora_A.weight``),
-    the layout DiffSynth's ``ModelManager.load_lora`` reads.
+    the layout DiffSynth's ``ModelManager.load_lora`` reads (all but a LoCon's 3 x 3 layers).
 ``<name>_kohya.safetensors``
     the kohya/SDXL layout that ComfyUI (``LoraLoaderModelOnly``) and diffusers read:
     ``lora_unet_<diffusers module, dots as underscores>.lora_down.weight`` / ``.lora_up.weight``
@@ -23,8 +23,9 @@ kit adds the k x k convolutions' changes itself, with the same scale.
 
 Reading refuses a file it cannot use as it is with a ``LoRAFileError`` that names
 the file, what is wrong and what to do: half a pair, two halves of different
-ranks, or a change whose shape is not that of the UNet weight it is added to
-(checked before anything is fused).  A file that does not say its alpha (no
+ranks, LyCORIS kinds other than LoRA and LoCon (LoHa, LoKr, Tucker LoCon, DoRA),
+a layer this UNet does not have, or a change whose shape is not that of the UNet
+weight it is added to (checked before anything is fused).  A file that does not say its alpha (no
 ``.alpha`` keys and no ``lora_alpha`` metadata, in either layout) is read at
 scale 1.0 with a warning naming it.
 """
@@ -140,13 +141,18 @@ def export_lora(pairs: dict, rank: int, alpha: float, out_dir: str | os.PathLike
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = lora_metadata(rank, alpha, base_model, trigger_words, training)
     wide = sum(_is_wide_convolution(a) for a, _ in pairs.values())
-    if wide:    # the model card says how to load it: DiffSynth's own load_lora cannot
+    if wide:
+        # the model card says how to load it (DiffSynth's own load_lora cannot), and kohya's
+        # metadata says the network has convolution layers, as its LoRA with conv_dim does
         meta["kolors_course.wide_convolutions"] = str(wide)
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(rank), "conv_alpha": str(float(alpha))})
+    bad = unexportable(pairs, unet_config_path)
+    if bad:
+        raise LoRAFileError(f"no kohya name for UNet module {bad[0]} ({len(bad)} modules): the kit's map to "
+                            "diffusers names has none; train without those target_modules")
     mapping = diffusers_module_map(unet_config_path)
     kohya = {}
     for module, (a, b) in pairs.items():
-        if module not in mapping:
-            raise LoRAFileError(f"no diffusers name for UNet module {module}")
         k = kohya_name(mapping[module])
         kohya[f"{k}.lora_down.weight"] = a
         kohya[f"{k}.lora_up.weight"] = b
@@ -184,10 +190,7 @@ def _check_pair(path: Path, name: str, a: torch.Tensor, b: torch.Tensor, down: s
         raise LoRAFileError(f"{path.name}: {name}: {down} is {tuple(a.shape)} and {up} {tuple(b.shape)}; "
                             f"a LoRA pair is two matrices (or two convolutions). {REDO}")
     if a.ndim == 4 and tuple(b.shape[2:]) != (1, 1):
-        raise LoRAFileError(f"{path.name}: {name}: {up} is a {tuple(b.shape[2:])} convolution; the kit reads "
-                            "LoRA pairs whose up half is 1x1 (LoRA and LoCon as kohya and peft write them, not "
-                            "LyCORIS' other kinds such as LoHa or Tucker-decomposed LoCon): use a LoRA or LoCon "
-                            "trained by this kit (notebook 03), kohya's sd-scripts or peft")
+        raise LoRAFileError(f"{path.name}: {name}: {up} is a {tuple(b.shape[2:])} convolution; {KINDS_ADVICE}")
     if a.shape[0] != b.shape[1]:
         raise LoRAFileError(f"{path.name}: {name}: {down} has rank {a.shape[0]} but {up} rank {b.shape[1]} "
                             f"({tuple(a.shape)} and {tuple(b.shape)}); {REDO}")
@@ -205,6 +208,19 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _is_wide_convolution(a: torch.Tensor) -> bool:
     """A LoCon pair DiffSynth 1.1.9 cannot fuse (its LoRA loader squeezes 1x1 kernels only)."""
     return a.ndim == 4 and tuple(a.shape[2:]) != (1, 1)
+
+
+#: keys of LyCORIS kinds the kit does not read: LoHa, LoKr, Tucker LoCon's middle, DoRA's magnitudes
+OTHER_KINDS = ("hada_", "lokr_", "lora_mid", "dora_scale", "lora_magnitude_vector")
+KINDS_ADVICE = ("the kit reads LoRA and LoCon pairs (a down and a 1x1 up half, as kohya's LoRA layout and peft "
+                "write them), not LyCORIS' other kinds such as LoHa, LoKr, Tucker-decomposed LoCon or DoRA: use "
+                "a LoRA or LoCon trained by this kit (notebook 03)")
+
+
+def _refuse_other_kinds(path: Path, state: dict) -> None:
+    other = sorted(k for k in state if any(part in k for part in OTHER_KINDS))
+    if other:
+        raise LoRAFileError(f"{path.name}: {other[0]} ({len(other)} such keys): {KINDS_ADVICE}")
 
 
 def read_lora(path: str | os.PathLike, unet_config_path: str | os.PathLike | None = None):
@@ -230,6 +246,7 @@ def read_lora(path: str | os.PathLike, unet_config_path: str | os.PathLike | Non
         raise LoRAFileError(f"{path.name} is not a readable safetensors file: {exc}") from exc
     meta_alpha = meta.get("lora_alpha")
     out = {}
+    _refuse_other_kinds(path, state)
     if any(k.startswith("lora_unet_") for k in state):
         if unet_config_path is None:
             raise LoRAFileError(f"{path.name}: a kohya-layout file needs the UNet config to map its names: "
@@ -240,6 +257,8 @@ def read_lora(path: str | os.PathLike, unet_config_path: str | os.PathLike | Non
             for part in (".lora_down.weight", ".lora_up.weight"):
                 if key.endswith(part):
                     halves.setdefault(key[: -len(part)], set()).add(part)
+        if not halves:
+            raise LoRAFileError(f"{path.name} holds no LoRA weights (lora_down/lora_up pairs)")
         half = sorted(base for base, parts in halves.items() if len(parts) == 1)
         if half:
             have = next(iter(halves[half[0]]))
@@ -249,7 +268,9 @@ def read_lora(path: str | os.PathLike, unet_config_path: str | os.PathLike | Non
         guessed = False
         for base in halves:
             if base not in inverse:
-                raise LoRAFileError(f"{path.name}: {base} names no module of this UNet")
+                raise LoRAFileError(f"{path.name}: {base} names no module of this UNet (kohya names in the "
+                                    "diffusers layout, lora_unet_down_blocks_..., are read; a LoRA fits only the "
+                                    "model it was trained on)")
             a, b = state[f"{base}.lora_down.weight"], state[f"{base}.lora_up.weight"]
             _check_pair(path, base, a, b, "lora_down", "lora_up")
             if f"{base}.alpha" in state:
@@ -284,11 +305,11 @@ def read_lora(path: str | os.PathLike, unet_config_path: str | os.PathLike | Non
     return out, meta
 
 
-def _check_fits(path: Path, modules: dict, meta: dict, unet, config: Path) -> None:
+def check_fits(path: Path, modules: dict, meta: dict, unet, config: Path) -> None:
     """Every module's change ``B @ A`` has the shape of the UNet weight it is added to.
 
-    Checked before anything is fused, so a LoRA for another model changes nothing.
-    Modules this UNet lacks are left to DiffSynth's own match (``fuse_lora``'s "did not apply").
+    Checked before anything is fused, so a LoRA for another model changes nothing; a module this
+    UNet does not have is refused too.
     """
     from safetensors import safe_open
 
@@ -296,10 +317,14 @@ def _check_fits(path: Path, modules: dict, meta: dict, unet, config: Path) -> No
     with safe_open(str(path), "pt") as f:
         kohya = any(k.startswith("lora_unet_") for k in f.keys())
     in_file = {ds: f"{kohya_name(d)} = {ds}" for ds, d in diffusers_module_map(config).items()} if kohya else {}
+    absent = sorted(m for m in modules if f"{m}.weight" not in shapes)
+    if absent:
+        said = meta.get("base_model") or meta.get("ss_base_model_version")
+        raise LoRAFileError(f"{path.name}: {in_file.get(absent[0], absent[0])} is no layer of this UNet ({len(absent)} "
+                            f"of the file's {len(modules)} are not); a LoRA fits only the model it was trained on"
+                            + (f" (the file names its base model: {said})" if said else ""))
     for module, (a, b, _) in modules.items():
-        want = shapes.get(f"{module}.weight")
-        if want is None:
-            continue
+        want = shapes[f"{module}.weight"]
         got = (b.shape[0], a.shape[1]) + tuple(a.shape[2:])
         if got != want:
             said = meta.get("base_model") or meta.get("ss_base_model_version")
@@ -314,23 +339,20 @@ def fuse_lora(mm, path: str | os.PathLike, scale: float = 1.0) -> int:
     """Fuse a LoRA file into the UNet held by a DiffSynth ``ModelManager``.
 
     ``scale`` multiplies the trained strength (1.0 = as trained).  Returns the
-    number of weight matrices changed; raises if DiffSynth did not apply it.
+    number of weights changed; raises ``LoRAFileError`` (nothing fused) for a file that does
+    not fit this UNet, and if DiffSynth did not apply its part.
     """
     if not isinstance(scale, (int, float)) or scale < 0:
         raise ValueError(f"lora scale {scale!r}: use a number >= 0 (1.0 = as trained)")
     unet_index = mm.model_name.index("sdxl_unet")
     unet_path = Path(mm.model_path[unet_index])
     modules, meta = read_lora(path, unet_path.with_name("config.json"))
-    _check_fits(Path(path), modules, meta, mm.model[unet_index], unet_path.with_name("config.json"))
+    check_fits(Path(path), modules, meta, mm.model[unet_index], unet_path.with_name("config.json"))
     if scale == 0:
         return 0
     unet = mm.model[unet_index]
     wide = {m: v for m, v in modules.items() if _is_wide_convolution(v[0])}
     params = dict(unet.named_parameters())
-    absent = sorted(m for m in wide if f"{m}.weight" not in params)
-    if absent:
-        raise LoRAFileError(f"{Path(path).name}: {absent[0]} is no layer of this UNet ({len(absent)} of the file's "
-                            "convolution layers are not); a LoRA fits only the model it was trained on")
     # DiffSynth applies one alpha to every module: fold each module's own scale into B
     state = {}
     for module, (a, b, s) in modules.items():
@@ -350,5 +372,5 @@ def fuse_lora(mm, path: str | os.PathLike, scale: float = 1.0) -> int:
         for module, (a, b, s) in wide.items():
             w = params[f"{module}.weight"]
             delta = float(scale) * s * lora_delta(a.float(), b.float()).to(w.device)
-            w.copy_((w.float() + delta).to(w.dtype))         # added in fp32, as DiffSynth adds
+            w.copy_((w.float() + delta).to(w.dtype))         # added in fp32, then stored in the UNet's dtype
     return len(modules)

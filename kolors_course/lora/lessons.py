@@ -42,8 +42,9 @@ def lora_parameter_counts(unet, ranks=(1, 4, 16, 64), target_modules=ATTENTION_P
             per_rank += m.in_features + m.out_features
         elif isinstance(m, torch.nn.Conv2d) and is_lora_target(n, target_modules):
             # a LoCon: a k x k down convolution to `rank` channels and a 1 x 1 up convolution back
+            # (plain convolutions only: add_lora refuses grouped ones)
             kh, kw = m.kernel_size
-            per_rank += m.in_channels // m.groups * kh * kw + m.out_channels
+            per_rank += m.in_channels * kh * kw + m.out_channels
     return total, {r: r * per_rank for r in ranks}
 
 

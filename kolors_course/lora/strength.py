@@ -7,10 +7,11 @@ weights, and switching to another LoRA first puts the base weights back.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
-from kolors_course.lora.files import fuse_lora, read_lora
+from kolors_course.lora.files import check_fits, fuse_lora, read_lora
 from kolors_course.models.pipeline import FusedLoRA, kit_pipeline
 
 
@@ -25,7 +26,9 @@ def set_lora_scale(pipe, lora_path, scale: float) -> None:
         _restore(params, pipe.base_weights)         # another LoRA: put the base weights back first
         pipe.base_weights, pipe.base_weights_for = None, None
     if pipe.base_weights is None:
-        modules, _ = read_lora(lora_path, pipe.unet_config_path)
+        modules, meta = read_lora(lora_path, pipe.unet_config_path)
+        # a file that does not fit is refused here, before any weight is set aside or changed
+        check_fits(Path(lora_path), modules, meta, pipe.unet, Path(pipe.unet_config_path))
         pipe.base_weights = {f"{m}.weight": params[f"{m}.weight"].detach().clone() for m in modules}
         pipe.base_weights_for = str(lora_path)
     _restore(params, pipe.base_weights)

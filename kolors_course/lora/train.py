@@ -26,7 +26,7 @@ import torch
 from kolors_course.core.progress import progress
 from kolors_course.core.paths import project_path, relative_to_root
 from kolors_course.core.profiles import Profile
-from kolors_course.lora.adapters import add_lora, all_finite, make_optimizer, refuse_unexportable, remove_lora
+from kolors_course.lora.adapters import add_lora, all_finite, check_targets, make_optimizer, remove_lora
 from kolors_course.lora.checkpoints import (FRESH_RUN, RunState, check_resumable, close_run, load_checkpoint, open_run,
                                             read_checkpoint, save_checkpoint, write_json)
 from kolors_course.lora.config import TrainConfig, TrainingError, TrainResult, config_record, resolve_precision
@@ -77,6 +77,7 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
     handed_back = _PipelineState(pipe) if pipe is not None else None
     pipe = pipe or load_pipeline(profile, device=str(accelerator.device))
     device = str(pipe.device)
+    check_targets(pipe.unet, pipe.unet_config_path, cfg)
     memory, peaks = PeakMemory(device), {}
     if main:
         for line in preflight(cfg, device):
@@ -98,7 +99,6 @@ def train_lora(profile: Profile, dataset_dir: str | os.PathLike, run_dir: str | 
         # 4. adapters, optimizer, learning-rate schedule, noise schedule, random numbers
         unet = pipe.unet
         params = add_lora(unet, cfg)
-        refuse_unexportable(unet, pipe.unet_config_path, cfg)
         optimizer = make_optimizer(params, cfg)
         lr_schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                     num_training_steps=cfg.max_steps)
