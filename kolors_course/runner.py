@@ -46,7 +46,7 @@ class NotebookFailed(RuntimeError):
     def __init__(self, results: list[NotebookResult]):
         self.results = results
         bad = next(r for r in results if r.status == "failed")
-        super().__init__(f"{bad.notebook} failed in cell {bad.cell}: {bad.error}")
+        super().__init__(f"{bad.notebook} failed in cell In [{bad.cell}]: {bad.error}")
 
 
 def course_notebooks() -> list[Path]:
@@ -218,8 +218,8 @@ def _run_each(paths, declared, parameters, profile, out_dir, kernel_name, cell_t
                                 execution_timeout=cell_timeout,
                                 kernel_manager_class=kernel_manager_class(kernel_log))
         except PapermillExecutionError as exc:
-            # exec_count is the [n] shown in the executed copy (papermill's
-            # injected-parameters cell counts too)
+            # exec_count is the In [n] shown in the executed copy (papermill's
+            # injected-parameters cell counts too), said as "cell In [n]" so nobody counts cells
             res.status, res.cell = "failed", exc.exec_count
             line = failing_line(exc)
             res.error = f"{exc.ename}: {exc.evalue}" + (f"  (at `{line[:80]}`)" if line else "")
@@ -236,7 +236,7 @@ def _run_each(paths, declared, parameters, profile, out_dir, kernel_name, cell_t
         results.append(res)
         if not quiet:
             print(f"      {res.status} in {res.seconds:.1f} s" +
-                  (f" -- cell {res.cell}: {res.error}" if res.status == "failed" else ""), flush=True)
+                  (f" -- cell In [{res.cell}]: {res.error}" if res.status == "failed" else ""), flush=True)
         if res.status == "interrupted":
             results += [NotebookResult(rest.stem, "skipped", error=f"not run: {nb.stem} was stopped")
                         for rest in paths[i + 1:]]
@@ -332,7 +332,7 @@ def format_summary(results: list[NotebookResult]) -> str:
              "-" * (width + 30)]
     for r in results:
         detail = r.output if r.status == "ok" else (
-            f"cell {r.cell}: {r.error}" if r.cell is not None else r.error)
+            f"cell In [{r.cell}]: {r.error}" if r.cell is not None else r.error)
         lines.append(f"{r.notebook:<{width}}  {r.status:<7}  {r.seconds:>7.1f}  {detail[:200]}")
     total = sum(r.seconds for r in results)
     ok = sum(r.status == "ok" for r in results)
@@ -399,7 +399,7 @@ def run_batch(path: str | os.PathLike, quiet: bool = False) -> list[dict]:
             failed = [r for r in results if r.status == "failed"]
             gallery = gallery_file(out / name)
             entries.append({"name": name, "status": "failed" if failed else "ok",
-                            "detail": (f"{failed[0].notebook}, cell {failed[0].cell}: {failed[0].error}"
+                            "detail": (f"{failed[0].notebook}, cell In [{failed[0].cell}]: {failed[0].error}"
                                        if failed else f"{sum(r.seconds for r in results):.0f} s"),
                             "gallery": gallery if gallery.exists() else None})
         except (ValueError, FileNotFoundError) as exc:

@@ -24,7 +24,7 @@ def test_failure_names_notebook_cell_and_error(tmp_path, capsys):
     code = cli.main(["run", str(nb), "--out", str(tmp_path / "out")])
     assert code == 1
     err = capsys.readouterr().err
-    assert "99_broken" in err and "cell 4" in err and "answer must be 2" in err
+    assert "99_broken" in err and "cell In [4]" in err and "answer must be 2" in err
     # the line that raised, not the cell's first line
     assert "at `assert answer == 2" in err and "y = 2" not in err
     failed = tmp_path / "out" / "notebooks" / "99_broken.failed.ipynb"
