@@ -41,8 +41,8 @@ def check_layers(unet, cfg: TrainConfig) -> None:
                             "are to_q, to_k, to_v, to_out; attn1.* are self-attention's, attn2.* cross-attention's; "
                             "its residual blocks' convolutions are conv1, conv2)")
     # the fusing and the files treat a convolution's change as B A tap by tap: plain convolutions only
-    odd = [n for n, m in layers.items() if isinstance(m, torch.nn.Conv2d) and is_lora_target(n, cfg.target_modules)
-           and (m.groups != 1 or tuple(m.dilation) != (1, 1))]
+    odd = [n for n in targeted_layers(unet, cfg.target_modules) if isinstance(layers[n], torch.nn.Conv2d)
+           and (layers[n].groups != 1 or tuple(layers[n].dilation) != (1, 1))]
     if odd:
         raise TrainingError(f"target_modules name grouped or dilated convolutions ({odd[0]}), which the kit "
                             "cannot fuse or export; name plain ones such as conv1, conv2")

@@ -317,18 +317,16 @@ def check_fits(path: Path, modules: dict, meta: dict, unet, config: Path) -> Non
     with safe_open(str(path), "pt") as f:
         kohya = any(k.startswith("lora_unet_") for k in f.keys())
     in_file = {ds: f"{kohya_name(d)} = {ds}" for ds, d in diffusers_module_map(config).items()} if kohya else {}
+    said = meta.get("base_model") or meta.get("ss_base_model_version")
+    said = f" (the file names its base model: {said})" if said else ""
     absent = sorted(m for m in modules if f"{m}.weight" not in shapes)
     if absent:
-        said = meta.get("base_model") or meta.get("ss_base_model_version")
         raise LoRAFileError(f"{path.name}: {in_file.get(absent[0], absent[0])} is no layer of this UNet ({len(absent)} "
-                            f"of the file's {len(modules)} are not); a LoRA fits only the model it was trained on"
-                            + (f" (the file names its base model: {said})" if said else ""))
+                            f"of the file's {len(modules)} are not); a LoRA fits only the model it was trained on{said}")
     for module, (a, b, _) in modules.items():
         want = shapes[f"{module}.weight"]
         got = (b.shape[0], a.shape[1]) + tuple(a.shape[2:])
         if got != want:
-            said = meta.get("base_model") or meta.get("ss_base_model_version")
-            said = f" (the file names its base model: {said})" if said else ""
             raise LoRAFileError(f"{path.name}: {in_file.get(module, module)}: the LoRA changes a {got} "
                                 f"weight but this UNet's is {want}; a LoRA fits only the model it was trained "
                                 f"on{said}: use one trained on this model, or export or download it again if "
@@ -350,9 +348,7 @@ def fuse_lora(mm, path: str | os.PathLike, scale: float = 1.0) -> int:
     check_fits(Path(path), modules, meta, mm.model[unet_index], unet_path.with_name("config.json"))
     if scale == 0:
         return 0
-    unet = mm.model[unet_index]
     wide = {m: v for m, v in modules.items() if _is_wide_convolution(v[0])}
-    params = dict(unet.named_parameters())
     # DiffSynth applies one alpha to every module: fold each module's own scale into B
     state = {}
     for module, (a, b, s) in modules.items():
@@ -368,6 +364,7 @@ def fuse_lora(mm, path: str | os.PathLike, scale: float = 1.0) -> int:
             raise LoRAFileError(f"DiffSynth did not apply {Path(path).name} to this UNet "
                                 f"(its modules do not match this model): {text.strip()[-300:]}")
     # the k x k convolutions DiffSynth cannot fuse: W += scale * (alpha / rank) * B A, as it does
+    params = dict(mm.model[unet_index].named_parameters()) if wide else {}
     with torch.no_grad():
         for module, (a, b, s) in wide.items():
             w = params[f"{module}.weight"]
