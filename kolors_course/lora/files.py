@@ -346,8 +346,17 @@ def fuse_lora(mm, path: str | os.PathLike, scale: float = 1.0) -> int:
     unet_path = Path(mm.model_path[unet_index])
     modules, meta = read_lora(path, unet_path.with_name("config.json"))
     check_fits(Path(path), modules, meta, mm.model[unet_index], unet_path.with_name("config.json"))
+    return fuse_modules(mm, path, modules, scale)
+
+
+def fuse_modules(mm, path: str | os.PathLike, modules: dict, scale: float) -> int:
+    """``fuse_lora`` for modules already read and checked (``read_lora``, ``check_fits``): the
+    strength dial reads a file once and fuses it at each strength from here."""
+    if not isinstance(scale, (int, float)) or scale < 0:
+        raise ValueError(f"lora scale {scale!r}: use a number >= 0 (1.0 = as trained)")
     if scale == 0:
         return 0
+    unet_index = mm.model_name.index("sdxl_unet")
     wide = {m: v for m, v in modules.items() if _is_wide_convolution(v[0])}
     # DiffSynth applies one alpha to every module: fold each module's own scale into B
     state = {}

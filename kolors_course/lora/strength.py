@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from kolors_course.lora.files import check_fits, fuse_lora, read_lora
+from kolors_course.lora.files import check_fits, fuse_modules, read_lora
 from kolors_course.models.pipeline import FusedLoRA, kit_pipeline
 
 
@@ -24,16 +24,16 @@ def set_lora_scale(pipe, lora_path, scale: float) -> None:
     params = dict(pipe.unet.named_parameters())
     if pipe.base_weights is not None and pipe.base_weights_for != str(lora_path):
         _restore(params, pipe.base_weights)         # another LoRA: put the base weights back first
-        pipe.base_weights, pipe.base_weights_for = None, None
+        pipe.base_weights, pipe.base_weights_for, pipe.lora_modules = None, None, None
     if pipe.base_weights is None:
         modules, meta = read_lora(lora_path, pipe.unet_config_path)
         # a file that does not fit is refused here, before any weight is set aside or changed
         check_fits(Path(lora_path), modules, meta, pipe.unet, Path(pipe.unet_config_path))
         pipe.base_weights = {f"{m}.weight": params[f"{m}.weight"].detach().clone() for m in modules}
-        pipe.base_weights_for = str(lora_path)
+        pipe.base_weights_for, pipe.lora_modules = str(lora_path), modules     # read once per LoRA
     _restore(params, pipe.base_weights)
     if scale:
-        fuse_lora(pipe.model_manager, lora_path, scale=scale)
+        fuse_modules(pipe.model_manager, lora_path, pipe.lora_modules, scale)
     pipe.lora = FusedLoRA(str(lora_path), scale, at_load=False) if scale else None
 
 

@@ -196,11 +196,12 @@ class KitPipeline:
     ``load_seconds``   how long ``load_pipeline`` took, imports included
     ``lora``           the fused LoRA (a ``FusedLoRA``) or None
     ``base_weights``   the UNet weights a LoRA replaced, kept by ``set_lora_scale``
+    ``lora_modules``   that LoRA's pairs as read from ``base_weights_for`` (read once, fused at each strength)
     ``controlnet_model`` the ControlNet-Union loaded with it (a ``LoadedControlNet``) or None
     """
 
     _OWN = ("diffsynth", "profile", "model_manager", "memory_mode", "load_seconds", "lora", "base_weights",
-            "base_weights_for", "controlnet_model")
+            "base_weights_for", "lora_modules", "controlnet_model")
 
     def __init__(self, diffsynth, profile, model_manager, memory_mode: str = "full"):
         self.diffsynth = diffsynth
@@ -211,6 +212,7 @@ class KitPipeline:
         self.lora: FusedLoRA | None = None
         self.base_weights: dict | None = None
         self.base_weights_for: str | None = None
+        self.lora_modules: dict | None = None
         self.controlnet_model: LoadedControlNet | None = None
 
     # -- running -------------------------------------------------------------------
