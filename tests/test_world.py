@@ -164,9 +164,10 @@ def test_each_shape_measure_tells_its_shapes_apart_on_renders():
     each rule has room either side on clean pictures (the generated ones are what need it)."""
     by_shape = {s: [] for s in W.SHAPES}
     for i, s in enumerate(W.sample_scenes(80, seed=5)):
-        v = J.judge(W.render(s, seed=i))
+        picture = W.render(s, seed=i)
+        v = J.judge(picture)
         assert v.shape == s.shape, (s, v)
-        _, mask = J.foreground(W.render(s, seed=i))
+        _, mask = J.foreground(picture)
         ys, xs = np.nonzero(mask)
         by_shape[s.shape].append(J.shape_measures(mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]))
     worst = {s: {k: (min(m[k] for m in ms), max(m[k] for m in ms)) for k in ms[0]} for s, ms in by_shape.items()}
