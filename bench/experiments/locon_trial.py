@@ -1,5 +1,5 @@
 """Would a LoRA on the UNet's convolutions (LoCon) give notebook 03's look without washing the shape
-out?  (README, "The LoRA's wash".)  An experiment, not a benchmark, and not the course's LoRA path
+out?  (docs/tiny_world_log.md, "The LoRA's wash".)  An experiment, not a benchmark, and not the course's LoRA path
 (``lora_on_build.py`` trains a LoCon through the kit's ``train_lora`` on notebook 02's set): this
 trial trains peft adapters in place with the build's own UNet loop
 (``world.train_unet``: min-SNR, offset noise 0.3; no output preservation, so the look also shows

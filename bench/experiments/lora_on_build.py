@@ -1,4 +1,4 @@
-"""Does notebook 03's LoRA lesson work on a candidate tiny build?  (README, "The tiny world".)
+"""Does notebook 03's LoRA lesson work on a candidate tiny build?  (docs/tiny_world_log.md.)
 An experiment, not a benchmark: the tests' LoRA fixture and measures (``kolors_course.world.evaluate``
 ``lesson_lora`` and ``lora_measures`` and ``lora_verdict``, as ``tests/test_tiny_lessons.py`` uses them:
 notebook 02's pastel data set, ``train_lora`` with the tiny profile's settings, the pastel index at

@@ -1,4 +1,4 @@
-"""Which part of the tiny world keeps the UNet from reading the shape word (README, "The tiny world",
+"""Which part of the tiny world keeps the UNet from reading the shape word (docs/tiny_world_log.md,
 "The shape word, probed").  An experiment, not a benchmark: it trains a fresh tiny UNet with the build's
 own stage (`kolors_course.world.build`, the shipped VAE beside it) on a reduced world and judges the
 shapes it then draws.

@@ -1,5 +1,5 @@
-"""How much a word from outside the world changes the text encoder's output, per build (README, "The tiny
-world", "Is the text encoder taught to flatten the trigger word?").  An experiment, not a benchmark.
+"""How much a word from outside the world changes the text encoder's output, per build (docs/tiny_world_log.md,
+"Is the text encoder taught to flatten the trigger word?").  An experiment, not a benchmark.
 
     python bench/experiments/trigger_word_states.py [WORD] BUILD_DIR|random ...
 

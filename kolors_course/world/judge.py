@@ -109,7 +109,7 @@ def _vote_colour(img: np.ndarray, mask: np.ndarray) -> str:
 
 
 #: the shape's measures (``shape_measures``) that tell the four shapes apart.  Set on clean
-#: renders and on 32 generated pictures labelled by eye (README, "The judge reads generated shapes"):
+#: renders and on 32 generated pictures labelled by eye (docs/tiny_world_log.md, "The judge reads generated shapes"):
 #: generated shapes have soft edges and stubby points, so the bounding-box template the judge
 #: used before read most soft squares, triangles and stars as circles.
 TRIANGLE_TOP_WIDTH = 0.34       # a triangle's top quarter is under a third as wide as its bottom quarter

@@ -49,7 +49,7 @@ class UNetConfig:
     # The noisy-step weighting above (``x0_weight_cap`` and ``high_t_fraction``) only for the steps from
     # ``noisy_weight_from`` up to (not including) ``noisy_weight_until`` (None: to the end), plain
     # min-SNR for the others.  The weighting teaches the colours, which are chosen at the noisiest
-    # steps, but drowns the shape word, which is read further down the schedule (README, "The shape
+    # steps, but drowns the shape word, which is read further down the schedule (docs/tiny_world_log.md, "The shape
     # word, probed"); a window lets one phase learn each.  Measured ("The weighting in a window of
     # steps"): the first 2,000 of 4,000 steps gave the best colours yet, not the shapes; not in the recipe.
     noisy_weight_from: int = 0
@@ -79,7 +79,7 @@ class UNetConfig:
     # sends no gradient into the text encoder (its states are detached), so the encoder is never
     # taught to flatten unknown words and the UNet alone learns to ignore them.  A LoRA's trigger word
     # is such a word, and the course's LoRA trains the UNet's attention only: it needs the word's
-    # token states distinct.  Measured (README, "Is the text encoder taught to flatten the trigger
+    # token states distinct.  Measured (docs/tiny_world_log.md, "Is the text encoder taught to flatten the trigger
     # word?"): the encoder flattened the word further without them, so not in the recipe.  Needs
     # ``outside_rows``.
     text_encoder_world_only: bool = False
@@ -98,7 +98,7 @@ class UNetConfig:
     layout_first_steps: int = 0
     # A shape primer: the first this many steps train on pictures of one colour pair (big, in the
     # middle, flat) whose captions name the shape, the rest on the world.  With one colour pair a
-    # fresh UNet draws the four shapes after 1,500 steps; measured (README, "The shape word,
+    # fresh UNet draws the four shapes after 1,500 steps; measured (docs/tiny_world_log.md, "The shape word,
     # probed"): 1,000 primer steps and 2,000 on the world left no trace, even the primer's own
     # captions drew circles.  Kept so that row can be rerun; not in the recipe.  Needs ``primer``; 0: off.
     shape_first_steps: int = 0
