@@ -41,7 +41,8 @@ class TrainConfig:
     # batch's captions with the trigger words taken out, on the same noisy latents, and pays at
     # this weight for any difference from what the base model (adapters off) predicts there.
     # Every training caption holds the trigger word, so without it nothing tells the LoRA that its
-    # look belongs to the word, and the look comes without the word too (README, "The tiny world").
+    # look belongs to the word, and the look comes without the word too (docs/tiny_world_log.md,
+    # "What did tie the look to the word").
     # Costs one more forward pass with gradients and one without per step; 0: off.
     preserve_weight: float = 0.0
     precision: str = "auto"                 # auto, fp32, fp16, bf16

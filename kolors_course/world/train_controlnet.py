@@ -53,11 +53,12 @@ class ControlNetConfig:
     # the shape's latent cells weighted as in the UNet's loss (UNetConfig.shape_weight): the build
     # takes the value the UNet beside it was trained with, so the two losses agree; the canny edges
     # sit on the shape's outline, and with a plain mean they are a few per cent of the loss (beside
-    # a shape-weighted UNet, such a ControlNet barely followed them: README "The tiny world")
+    # a shape-weighted UNet, such a ControlNet barely followed them: docs/tiny_world_log.md, build A of the first table)
     shape_weight: float = 0.0
     # the conditions whose steps use that weight: the canny edges sit on the shape; the colour grid
     # is mostly background, and with its loss shape-weighted too the ControlNet beside a
-    # shape-weighted UNet followed the grid's layout less well than a plain loss (README)
+    # shape-weighted UNet followed the grid's layout less well than a plain loss (docs/tiny_world_log.md,
+    # "Colour-layout control")
     shape_weighted: tuple = ("canny",)
     ema_decay: float = 0.995
     seed: int = 0
