@@ -54,7 +54,7 @@ def cmd_run(args) -> int:
     failed = [r for r in results if r.status == "failed"]
     if failed:
         r = failed[0]
-        print(f"\nFAILED: {r.notebook}, cell In [{r.cell}]: {r.error}\n"
+        print(f"\nFAILED: {r.notebook}, {r.failure}\n"
               f"Open {r.output} to see the failing cell.", file=sys.stderr)
         return 1
     return 0

@@ -29,6 +29,12 @@ class NotebookResult:
     error: str = ""
     parameters: dict = field(default_factory=dict)
 
+    @property
+    def failure(self) -> str:
+        """Where and why it failed, as "cell In [n]: error": the label the executed copy shows
+        (papermill's injected-parameters cell counts too), so nobody counts cells."""
+        return f"cell In [{self.cell}]: {self.error}" if self.cell is not None else self.error
+
 
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during ``run_notebooks``: the summary is written first; ``results`` holds it."""
@@ -46,7 +52,7 @@ class NotebookFailed(RuntimeError):
     def __init__(self, results: list[NotebookResult]):
         self.results = results
         bad = next(r for r in results if r.status == "failed")
-        super().__init__(f"{bad.notebook} failed in cell In [{bad.cell}]: {bad.error}")
+        super().__init__(f"{bad.notebook} failed in {bad.failure}")
 
 
 def course_notebooks() -> list[Path]:
@@ -218,8 +224,7 @@ def _run_each(paths, declared, parameters, profile, out_dir, kernel_name, cell_t
                                 execution_timeout=cell_timeout,
                                 kernel_manager_class=kernel_manager_class(kernel_log))
         except PapermillExecutionError as exc:
-            # exec_count is the In [n] shown in the executed copy (papermill's
-            # injected-parameters cell counts too), said as "cell In [n]" so nobody counts cells
+            # exec_count is the In [n] shown in the executed copy (NotebookResult.failure)
             res.status, res.cell = "failed", exc.exec_count
             line = failing_line(exc)
             res.error = f"{exc.ename}: {exc.evalue}" + (f"  (at `{line[:80]}`)" if line else "")
@@ -236,7 +241,7 @@ def _run_each(paths, declared, parameters, profile, out_dir, kernel_name, cell_t
         results.append(res)
         if not quiet:
             print(f"      {res.status} in {res.seconds:.1f} s" +
-                  (f" -- cell In [{res.cell}]: {res.error}" if res.status == "failed" else ""), flush=True)
+                  (f" -- {res.failure}" if res.status == "failed" else ""), flush=True)
         if res.status == "interrupted":
             results += [NotebookResult(rest.stem, "skipped", error=f"not run: {nb.stem} was stopped")
                         for rest in paths[i + 1:]]
@@ -331,8 +336,7 @@ def format_summary(results: list[NotebookResult]) -> str:
     lines = [f"{'notebook':<{width}}  {'status':<7}  {'seconds':>7}  detail",
              "-" * (width + 30)]
     for r in results:
-        detail = r.output if r.status == "ok" else (
-            f"cell In [{r.cell}]: {r.error}" if r.cell is not None else r.error)
+        detail = r.output if r.status == "ok" else r.failure
         lines.append(f"{r.notebook:<{width}}  {r.status:<7}  {r.seconds:>7.1f}  {detail[:200]}")
     total = sum(r.seconds for r in results)
     ok = sum(r.status == "ok" for r in results)
@@ -399,7 +403,7 @@ def run_batch(path: str | os.PathLike, quiet: bool = False) -> list[dict]:
             failed = [r for r in results if r.status == "failed"]
             gallery = gallery_file(out / name)
             entries.append({"name": name, "status": "failed" if failed else "ok",
-                            "detail": (f"{failed[0].notebook}, cell In [{failed[0].cell}]: {failed[0].error}"
+                            "detail": (f"{failed[0].notebook}, {failed[0].failure}"
                                        if failed else f"{sum(r.seconds for r in results):.0f} s"),
                             "gallery": gallery if gallery.exists() else None})
         except (ValueError, FileNotFoundError) as exc:

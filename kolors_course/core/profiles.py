@@ -146,8 +146,9 @@ TINY = Profile(
     train_offset_noise=0.3,
     # the LoRA of notebooks 02-04: differential output preservation ties the pastel look to the
     # trigger word (without it the look rose 0.82-0.96 times as much without the word as with it:
-    # docs/tiny_world_log.md, "What did tie the look to the word").  On the cross-attention's keys and values only (what reads the words; Custom
-    # Diffusion's choice).  160 steps at 3e-2 on the wide UNet (docs/tiny_world_log.md): over 4
+    # docs/tiny_world_log.md, "What did tie the look to the word").  On the cross-attention's keys
+    # and values only (what reads the words; Custom Diffusion's choice).  160 steps at 3e-2 on the
+    # wide UNet (docs/tiny_world_log.md): over 4
     # training seeds the look rose 0.34-0.47 with the word and leaked at most 0.01 without it on the
     # tests' prompts.  80 steps at 1e-2, right for the narrow UNet before it, barely moved this one
     # (a rise of 0.01), and 80 at 3e-2 failed on 3 of 4 seeds (a rise of 0.13, or a dial that fell)

@@ -333,6 +333,11 @@ def check_fits(path: Path, modules: dict, meta: dict, unet, config: Path) -> Non
                                 "it is damaged")
 
 
+def _check_scale(scale) -> None:
+    if not isinstance(scale, (int, float)) or scale < 0:
+        raise ValueError(f"lora scale {scale!r}: use a number >= 0 (1.0 = as trained)")
+
+
 def fuse_lora(mm, path: str | os.PathLike, scale: float = 1.0) -> int:
     """Fuse a LoRA file into the UNet held by a DiffSynth ``ModelManager``.
 
@@ -340,8 +345,7 @@ def fuse_lora(mm, path: str | os.PathLike, scale: float = 1.0) -> int:
     number of weights changed; raises ``LoRAFileError`` (nothing fused) for a file that does
     not fit this UNet, and if DiffSynth did not apply its part.
     """
-    if not isinstance(scale, (int, float)) or scale < 0:
-        raise ValueError(f"lora scale {scale!r}: use a number >= 0 (1.0 = as trained)")
+    _check_scale(scale)
     unet_index = mm.model_name.index("sdxl_unet")
     unet_path = Path(mm.model_path[unet_index])
     modules, meta = read_lora(path, unet_path.with_name("config.json"))
@@ -352,8 +356,7 @@ def fuse_lora(mm, path: str | os.PathLike, scale: float = 1.0) -> int:
 def fuse_modules(mm, path: str | os.PathLike, modules: dict, scale: float) -> int:
     """``fuse_lora`` for modules already read and checked (``read_lora``, ``check_fits``): the
     strength dial reads a file once and fuses it at each strength from here."""
-    if not isinstance(scale, (int, float)) or scale < 0:
-        raise ValueError(f"lora scale {scale!r}: use a number >= 0 (1.0 = as trained)")
+    _check_scale(scale)
     if scale == 0:
         return 0
     unet_index = mm.model_name.index("sdxl_unet")

@@ -39,8 +39,8 @@ from kolors_course.world.train_vae import CellStats, VAEConfig, encoder_error, f
 DEFAULTS = dict(n_scenes=2500, captions_per_scene=3, vae_images=2500, vae_steps=1200, vae_crop=128,
                 unet_steps=8000, unet_batch=32, vae_batch=8, controlnet_steps=3000, controlnet_batch=16)
 #: the UNet's training recipe beyond the loop's defaults (see UNetConfig for why each is there).
-#: docs/tiny_world_log.md ("How the recipe was found") has each one's measured effect: the text encoder's layers trained with
-#: the UNet bind each colour word to its noun, the shape weight makes the shape count in the loss,
+#: docs/tiny_world_log.md ("How the recipe was found") has each one's measured effect: the text
+#: encoder's layers trained with the UNet bind each colour word to its noun, the shape weight makes the shape count in the loss,
 #: and the pooled dropout keeps the words in the token states that cross-attention (and so the
 #: course's LoRA) reads; without it the UNet read every word from the pooled embedding alone.
 UNET_RECIPE = dict(offset_noise=0.3, high_t_fraction=0.3, high_t_start=0.6, x0_weight_cap=100.0,

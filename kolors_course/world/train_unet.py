@@ -94,7 +94,8 @@ class UNetConfig:
     # A curriculum: the first this many steps train on captions naming only the shape and its place
     # (``scenes.layout_caption``), the rest on the world's captions.  A UNet learns the place word
     # in about 1,500 steps when the place is all there is to learn, and not in 4,000 when the
-    # colours compete for it (docs/tiny_world_log.md, "The UNet learns the place word slowly"); needs ``first_rows``; 0: off.
+    # colours compete for it (docs/tiny_world_log.md, "The UNet learns the place word slowly");
+    # needs ``first_rows``; 0: off.
     layout_first_steps: int = 0
     # A shape primer: the first this many steps train on pictures of one colour pair (big, in the
     # middle, flat) whose captions name the shape, the rest on the world.  With one colour pair a
